@@ -37,6 +37,8 @@ guest_progress() { echo "[guest $(date +%H:%M:%S)] $*" >&2; }
 guest_ensure() {
     "$GUEST_SCRIPTS/install-deps" || return 1
     "$GUEST_SCRIPTS/fetch-kernel" || return 1
+    # Logs of old runs (default GUEST_RUN_DIR) are kept for a day.
+    find "$GUEST_BUILD/runs" -mindepth 1 -maxdepth 1 -mtime +1 -exec rm -rf {} + 2>/dev/null || true
 }
 
 guest_initramfs() {
