@@ -95,7 +95,7 @@ guest_boot_start() {
     : >"$dir/markers.log"
     local cmd=(
         qemu-system-x86_64 -accel tcg -M pc -cpu "$cpu" -smp "$smp" -m "$mem"
-        -object "memory-backend-memfd,id=mem,size=$mem,share=on" -numa node,memdev=mem
+        -object "memory-backend-memfd,id=mem,size=$mem,share=on" -numa "node,memdev=mem"
         -nodefaults -display none -vga none -monitor none -no-reboot
         -serial "file:$dir/console.log" -serial "file:$dir/markers.log"
         -kernel "$kernel" -initrd "$initrd"
