@@ -157,6 +157,28 @@ impl NetBackend {
     }
 }
 
+/// Feature names for the negotiation log line.
+const FEATURE_NAMES: &[(u32, &str)] = &[
+    (VIRTIO_F_VERSION_1, "version_1"),
+    (VIRTIO_RING_F_EVENT_IDX, "event_idx"),
+    (VIRTIO_RING_F_INDIRECT_DESC, "indirect_desc"),
+    (VIRTIO_NET_F_CSUM, "csum"),
+    (VIRTIO_NET_F_GUEST_CSUM, "guest_csum"),
+    (VIRTIO_NET_F_GUEST_TSO4, "guest_tso4"),
+    (VIRTIO_NET_F_GUEST_TSO6, "guest_tso6"),
+    (VIRTIO_NET_F_GUEST_ECN, "guest_ecn"),
+    (VIRTIO_NET_F_GUEST_UFO, "guest_ufo"),
+    (VIRTIO_NET_F_HOST_TSO4, "host_tso4"),
+    (VIRTIO_NET_F_HOST_TSO6, "host_tso6"),
+    (VIRTIO_NET_F_HOST_ECN, "host_ecn"),
+    (VIRTIO_NET_F_HOST_UFO, "host_ufo"),
+    (VIRTIO_NET_F_MRG_RXBUF, "mrg_rxbuf"),
+    (VIRTIO_NET_F_MAC, "mac"),
+    (VIRTIO_NET_F_MTU, "mtu"),
+    (VIRTIO_NET_F_STATUS, "status"),
+    (VIRTIO_NET_F_MQ, "mq"),
+];
+
 /// TUN_F_* offloads the tap may hand us, from what the guest accepts on receive.
 fn tap_offloads(features: u64) -> u32 {
     let has = |bit: u32| features & (1u64 << bit) != 0;
@@ -233,8 +255,14 @@ impl VhostUserBackend for NetBackend {
         if let Err(e) = self.0.tap.set_offload(offloads) {
             log::error!("{e}: {}", e.source_text());
         }
-        log::debug!(
-            "features acked: {features:#x}; {}-byte headers, tap offloads {offloads:#x}",
+        let names: Vec<&str> = FEATURE_NAMES
+            .iter()
+            .filter(|(bit, _)| features & (1u64 << bit) != 0)
+            .map(|(_, name)| *name)
+            .collect();
+        log::info!(
+            "guest negotiated {features:#x} ({}); {}-byte virtio-net headers, tap offloads {offloads:#x}",
+            names.join(" "),
             neg.hdr_len()
         );
     }
