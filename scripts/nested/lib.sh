@@ -14,8 +14,8 @@
 #       --l2-arg ARG       extra mkinitramfs argument for the L2 initramfs
 #                          (repeatable, e.g. --l2-arg -b --l2-arg ./tool)
 #     Always in L1: /payload/vmlinuz (the L2 kernel, same as L1's),
-#     /bin/kvm-smoke, the default virtio modules plus irqbypass kvm kvm_amd
-#     tun veth bridge.
+#     /bin/kvm-smoke, iproute2's ip as /sbin/ip (netns, veth, tuntap), the
+#     default virtio modules plus irqbypass kvm kvm_amd tun veth bridge.
 #     MKINITRAMFS_ARGS go to mkinitramfs for L1 (e.g. -b target/release/vmm).
 #   nested_boot NAME INITRD [guest_boot OPTS] [-- QEMU_ARGS...]
 #       guest_boot with --cpu max --smp 2 --mem 3G --timeout 900 defaults.
@@ -62,7 +62,8 @@ nested_initramfs() {
     }
     nested_ensure || return 1
     local args=(-s "$l1_script" --add-modules "irqbypass kvm kvm_amd tun veth bridge"
-        -b "$NESTED_BUILD/kvm-smoke" -f "$GUEST_BUILD/kernel/vmlinuz:/payload/vmlinuz")
+        -b "$NESTED_BUILD/kvm-smoke" -f "$GUEST_BUILD/kernel/vmlinuz:/payload/vmlinuz"
+        -b "$(command -v ip):/sbin/ip")
     [[ -n $payload ]] && args+=(-d "$payload:/payload")
     if [[ -n $l2_script ]]; then
         local l2=$out.l2-initrd.gz
