@@ -144,8 +144,10 @@ struct RxChain {
 /// Outcome of one attempt to hand the pending frame to the guest.
 enum Delivery {
     Delivered,
-    /// The guest has too few buffers for the frame now.
-    NoBuffers,
+    /// The guest has too few buffers for the frame now; its avail index was this.
+    NoBuffers(u16),
+    /// The ring's avail index is corrupt: wait for the guest to kick again.
+    RingBroken,
     /// The frame can never be delivered.
     Dropped,
     /// Malformed chains were returned; try again with the next ones.
@@ -166,8 +168,9 @@ pub struct QueuePair {
     rx_frame: Vec<u8>,
     /// Length of the frame in `rx_frame` still to be delivered (0: none).
     rx_pending: usize,
-    /// We asked the guest to kick the receive queue when it adds buffers.
-    rx_waiting: bool,
+    /// The guest may be kicking the receive queue (we asked it to, or it is the ring's
+    /// initial state).
+    rx_kicks_on: bool,
     rx_signalled: u16,
     rx_descs: Vec<Descriptor>,
     rx_chains: Vec<RxChain>,
@@ -202,7 +205,7 @@ impl QueuePair {
             interest: 0,
             rx_frame: vec![0; MAX_FRAME],
             rx_pending: 0,
-            rx_waiting: false,
+            rx_kicks_on: true,
             rx_signalled: 0,
             rx_descs: Vec::new(),
             rx_chains: Vec::new(),
@@ -240,7 +243,7 @@ impl QueuePair {
         self.epoll = None;
         self.interest = 0;
         self.rx_pending = 0;
-        self.rx_waiting = false;
+        self.rx_kicks_on = true;
         self.rx_signalled = 0;
         self.tx_blocked = false;
         self.tx_signalled = 0;
@@ -308,11 +311,9 @@ impl QueuePair {
         }
         let mem = atomic.memory();
         let hdr_len = neg.hdr_len();
-        if self.rx_waiting {
-            self.rx_waiting = false;
-            if let Err(e) = rx.disable_notification() {
-                log::debug!("queue pair {}: {e}", self.index);
-            }
+        if self.rx_kicks_on {
+            self.rx_kicks_on = false;
+            ring::suppress_kicks(&*mem, rx.get_ref().get_queue());
         }
         let mut delivered = 0;
         let mut want_in = true;
@@ -338,20 +339,21 @@ impl QueuePair {
                 }
                 Delivery::Dropped => self.rx_pending = 0,
                 Delivery::Retry => {}
-                Delivery::NoBuffers => {
-                    // Ask for a kick when buffers arrive, then look again: they may have
-                    // arrived before the request was visible.
-                    match rx.enable_notification() {
-                        Ok(true) => {
-                            if let Err(e) = rx.disable_notification() {
-                                log::debug!("queue pair {}: {e}", self.index);
-                            }
-                            continue;
-                        }
-                        Ok(false) => {}
-                        Err(e) => log::debug!("queue pair {}: {e}", self.index),
+                Delivery::NoBuffers(seen) => {
+                    // Ask for a kick when more buffers arrive, then look again: they may
+                    // have arrived before the request was visible.
+                    let moved = ring::kick_when_beyond(&*mem, rx.get_ref().get_queue(), seen);
+                    if moved {
+                        ring::suppress_kicks(&*mem, rx.get_ref().get_queue());
+                        continue;
                     }
-                    self.rx_waiting = true;
+                    self.rx_kicks_on = true;
+                    want_in = false;
+                    break;
+                }
+                Delivery::RingBroken => {
+                    let _ = rx.enable_notification();
+                    self.rx_kicks_on = true;
                     want_in = false;
                     break;
                 }
@@ -373,12 +375,12 @@ impl QueuePair {
         let len = self.rx_pending;
         let mut state = rx.get_mut();
         let queue: &mut Queue = state.get_queue_mut();
-        let Some(avail) = ring::available(mem, queue) else {
+        let Some((avail_idx, avail)) = ring::available(mem, queue) else {
             self.drops.warn(
                 self.index,
-                format_args!("receive ring index is corrupt; ignoring the ring"),
+                format_args!("receive ring index is corrupt; waiting for the next kick"),
             );
-            return Delivery::NoBuffers;
+            return Delivery::RingBroken;
         };
         self.rx_chains.clear();
         self.rx_descs.clear();
@@ -458,7 +460,7 @@ impl QueuePair {
                 );
                 return Delivery::Dropped;
             }
-            return Delivery::NoBuffers;
+            return Delivery::NoBuffers(avail_idx);
         }
         if neg.hdr_len() == 12 {
             let buffers = if neg.mrg_rxbuf() {
@@ -514,7 +516,11 @@ impl QueuePair {
             if let Err(e) = tx.disable_notification() {
                 log::debug!("queue pair {}: {e}", self.index);
             }
-            self.drain_tx(&*mem, tx, neg);
+            if !self.drain_tx(&*mem, tx, neg) {
+                // A corrupt ring: let the guest's next kick bring us back.
+                let _ = tx.enable_notification();
+                break;
+            }
             if self.tx_blocked {
                 break;
             }
@@ -545,23 +551,27 @@ impl QueuePair {
         self.process_tx(tx, neg)
     }
 
-    /// Write every available transmit chain, publishing used entries in groups.
-    fn drain_tx<M: GuestMemoryBackend>(&mut self, mem: &M, tx: &Vring, neg: Negotiated) {
+    /// Write every available transmit chain, publishing used entries in groups. Returns
+    /// false when the ring itself is unusable.
+    fn drain_tx<M: GuestMemoryBackend>(&mut self, mem: &M, tx: &Vring, neg: Negotiated) -> bool {
         self.used.clear();
         let mut state = tx.get_mut();
         let queue: &mut Queue = state.get_queue_mut();
+        let mut sound = true;
         loop {
-            let Some(avail) = ring::available(mem, queue) else {
+            let Some((_, avail)) = ring::available(mem, queue) else {
                 self.drops.warn(
                     self.index,
-                    format_args!("transmit ring index is corrupt; ignoring the ring"),
+                    format_args!("transmit ring index is corrupt; waiting for the next kick"),
                 );
+                sound = false;
                 break;
             };
             if avail == 0 {
                 break;
             }
             let Some(head) = ring::peek_head(mem, queue, 0) else {
+                sound = false;
                 break;
             };
             match self.transmit(mem, queue, head, neg) {
@@ -593,6 +603,7 @@ impl QueuePair {
             log::debug!("queue pair {}: used ring unwritable: {e}", self.index);
         }
         self.used.clear();
+        sound
     }
 
     /// Write the chain at `head` to the tap. Errors other than `WouldBlock` mean the chain

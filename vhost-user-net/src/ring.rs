@@ -15,6 +15,7 @@ const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
 const VRING_DESC_F_INDIRECT: u16 = 4;
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+const VRING_USED_F_NO_NOTIFY: u16 = 1;
 const DESC_SIZE: u64 = 16;
 
 /// Why a descriptor chain cannot be used.
@@ -135,12 +136,12 @@ pub fn walk_chain<M: GuestMemoryBackend>(
     }
 }
 
-/// How many chains the guest has made available beyond the ones we consumed; `None` when
-/// the guest's index is impossible (more than a full ring ahead) or unreadable.
-pub fn available<M: GuestMemoryBackend>(mem: &M, queue: &Queue) -> Option<u16> {
+/// The guest's avail index and how many chains it has made available beyond the ones we
+/// consumed; `None` when the index is impossible (more than a full ring ahead) or unreadable.
+pub fn available<M: GuestMemoryBackend>(mem: &M, queue: &Queue) -> Option<(u16, u16)> {
     let idx = queue.avail_idx(mem, Ordering::Acquire).ok()?;
     let count = (idx - Wrapping(queue.next_avail())).0;
-    (count <= queue.size()).then_some(count)
+    (count <= queue.size()).then_some((idx.0, count))
 }
 
 /// The head index of the `offset`-th available chain not yet consumed.
@@ -216,5 +217,41 @@ pub fn needs_interrupt<M: GuestMemoryBackend>(mem: &M, queue: &Queue, last: &mut
     match mem.load::<u16>(GuestAddress(avail), Ordering::Acquire) {
         Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0,
         Err(_) => true,
+    }
+}
+
+/// Ask the guest to kick once it makes chains available beyond avail index `seen`; returns
+/// true when it already has (so the caller should look again instead of waiting).
+///
+/// Unlike enabling notifications at our consumer position, this does not fire for chains
+/// the guest already published: a receive queue may hold too few buffers for a frame, and
+/// waiting on those would either miss the refill (EVENT_IDX) or spin.
+pub fn kick_when_beyond<M: GuestMemoryBackend>(mem: &M, queue: &Queue, seen: u16) -> bool {
+    let used = queue.used_ring();
+    let result = if queue.event_idx_enabled() {
+        let addr = used.wrapping_add(4 + 8 * u64::from(queue.size()));
+        mem.store(seen.to_le(), GuestAddress(addr), Ordering::Release)
+    } else {
+        mem.store(0u16, GuestAddress(used), Ordering::Release)
+    };
+    if result.is_err() {
+        return false;
+    }
+    std::sync::atomic::fence(Ordering::SeqCst);
+    match queue.avail_idx(mem, Ordering::Acquire) {
+        Ok(idx) => idx.0 != seen,
+        Err(_) => false,
+    }
+}
+
+/// Ask the guest not to kick (without EVENT_IDX; with it, kicks already stop once the
+/// guest passes the index we last asked for).
+pub fn suppress_kicks<M: GuestMemoryBackend>(mem: &M, queue: &Queue) {
+    if !queue.event_idx_enabled() {
+        let _ = mem.store(
+            VRING_USED_F_NO_NOTIFY.to_le(),
+            GuestAddress(queue.used_ring()),
+            Ordering::Relaxed,
+        );
     }
 }
