@@ -54,8 +54,9 @@ pub const STALL_PATIENCE: Duration = Duration::from_secs(3);
 const MAX_CONTROL_BACKLOG: usize = 1024;
 /// Guest output is handed to the endpoint in batches of about this size.
 const OUTPUT_BATCH: usize = 256 * 1024;
-/// Size of `struct virtio_console_config`: cols, rows, max_nr_ports, emerg_wr.
-const CONFIG_LEN: usize = 12;
+/// Config space answered: `struct virtio_console_config` (cols, rows, max_nr_ports, emerg_wr;
+/// 12 bytes) padded to the largest config vhost-user carries.
+const CONFIG_WINDOW: usize = 256;
 /// Config-space offset of `emerg_wr`.
 const EMERG_WR_OFFSET: u32 = 8;
 /// Epoll ids per port: the endpoint's main descriptor, then one per client slot.
@@ -359,6 +360,9 @@ impl Device {
         let (Some(vring), Some(mem)) = (vrings.get(queue), self.memory()) else {
             return;
         };
+        if !vring.get_ref().is_enabled() {
+            return;
+        }
         let mut data = std::mem::take(&mut self.scratch);
         data.clear();
         let mut used = false;
@@ -747,13 +751,14 @@ impl VhostUserBackend for ConsoleBackend {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let (cols, rows) = self.device().size;
-        let mut space = [0u8; CONFIG_LEN];
+        // Zero beyond the structure: frontends may read a larger, generic config window.
+        let mut space = [0u8; CONFIG_WINDOW];
         space[0..2].copy_from_slice(&cols.to_le_bytes());
         space[2..4].copy_from_slice(&rows.to_le_bytes());
         space[4..8].copy_from_slice(&(self.0.num_ports as u32).to_le_bytes());
         let start = offset as usize;
         match start.checked_add(size as usize) {
-            Some(end) if end <= CONFIG_LEN => space[start..end].to_vec(),
+            Some(end) if end <= CONFIG_WINDOW => space[start..end].to_vec(),
             _ => Vec::new(),
         }
     }

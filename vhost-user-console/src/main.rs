@@ -50,6 +50,7 @@ const INFO: DeviceInfo = DeviceInfo {
 #[command(
     version,
     about = "vhost-user virtio-console daemon: the guest's /dev/hvc0 on a pty, socket, TCP port or stdio",
+    long_about = None,
     after_help = "Examples:\n  vhost-user-console --socket /run/vm0-con.sock --backend pty\n  \
 vhost-user-console --socket /run/vm0-con.sock --backend socket=/run/vm0-console --log /var/log/vm0.log\n  \
 vhost-user-console --socket S --backend tcp=4555 --port name=org.qemu.guest_agent.0,backend=socket=/run/qga.sock\n\n\
