@@ -84,6 +84,11 @@ impl Disk {
         })
     }
 
+    /// The open descriptor, for asynchronous engines.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
     /// Usable size in bytes (whole sectors).
     pub fn size(&self) -> u64 {
         self.size

@@ -4,6 +4,7 @@
 mod backend;
 mod disk;
 mod request;
+mod uring;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +12,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use common::{DaemonArgs, DeviceInfo};
 
-use crate::backend::{BlockBackend, BlockConfig};
+use crate::backend::{BlockBackend, BlockConfig, IoEngine};
 
 const INFO: DeviceInfo = DeviceInfo {
     name: "vhost-user-block",
@@ -62,6 +63,12 @@ struct Cli {
     #[arg(long, conflicts_with = "writethrough")]
     writeback: bool,
 
+    /// I/O engine: `uring` keeps many requests in flight per queue (best with --direct on real
+    /// disks), `sync` does one positional read/write at a time per queue thread (best on cached
+    /// or in-memory files); `auto` picks uring with --direct.
+    #[arg(long, value_enum, default_value_t = IoEngine::Auto)]
+    io_engine: IoEngine,
+
     /// Start with the write cache disabled: every write is durable before it completes.
     #[arg(long)]
     writethrough: bool,
@@ -82,6 +89,7 @@ fn main() -> ExitCode {
         queue_size: cli.queue_size,
         serial: cli.serial.clone(),
         writeback: !cli.writethrough,
+        engine: cli.io_engine,
     };
     let backend = match BlockBackend::new(config) {
         Ok(b) => b,

@@ -139,9 +139,75 @@ pub fn collect_chain<M: GuestMemoryBackend>(
 
 /// A byte range of guest memory.
 #[derive(Debug, Clone, Copy)]
-struct Segment {
-    addr: u64,
-    len: u64,
+pub struct Segment {
+    /// Guest physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// A validated IN or OUT request whose data transfer is still to be done.
+#[derive(Debug)]
+pub struct Transfer {
+    /// IN (disk to guest) rather than OUT.
+    pub read: bool,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Total bytes.
+    pub len: u64,
+    /// The guest buffers, in order.
+    pub segs: Vec<Segment>,
+    /// Where the status byte goes.
+    pub status_addr: u64,
+    /// OUT must be durable on completion (write cache off).
+    pub durable: bool,
+}
+
+impl Transfer {
+    /// Host iovecs over the guest buffers. They stay valid while the guest memory mapping
+    /// `mem` belongs to is alive.
+    pub fn iovecs<M: GuestMemoryBackend>(&self, mem: &M) -> io::Result<Vec<libc::iovec>> {
+        let mut iovs = Vec::with_capacity(self.segs.len());
+        with_iovecs(mem, &self.segs, false, |v| {
+            iovs.extend_from_slice(v);
+            Ok(())
+        })?;
+        Ok(iovs)
+    }
+
+    /// Finish the request: status byte, dirty log for data the device wrote into guest
+    /// memory; returns the used length.
+    pub fn complete<M: GuestMemoryBackend>(&self, mem: &M, ok: bool) -> u32 {
+        let status = if ok {
+            VIRTIO_BLK_S_OK
+        } else {
+            VIRTIO_BLK_S_IOERR
+        };
+        if ok && self.read {
+            for s in &self.segs {
+                for slice in mem
+                    .get_slices(GuestAddress(s.addr), s.len as usize)
+                    .flatten()
+                {
+                    slice.bitmap().mark_dirty(0, slice.len());
+                }
+            }
+        }
+        let data_len = if ok && self.read { self.len as u32 } else { 0 };
+        match mem.write_obj(status, GuestAddress(self.status_addr)) {
+            Ok(()) => data_len.saturating_add(1),
+            Err(_) => 0,
+        }
+    }
+}
+
+/// What became of a request after validation.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Finished (or refused); the used length.
+    Done(u32),
+    /// A data transfer the I/O engine must run, then [`Transfer::complete`].
+    Transfer(Transfer),
 }
 
 /// What the device state a request may depend on.
@@ -158,9 +224,38 @@ pub struct RequestContext<'a> {
     pub limits: &'a Limits,
 }
 
-/// Execute the request described by `descs`; returns the number of bytes written to the
-/// guest (the used length), including the status byte when it could be written.
+/// Execute the request described by `descs` synchronously; returns the number of bytes written
+/// to the guest (the used length), including the status byte when it could be written.
 pub fn execute<M: GuestMemoryBackend>(ctx: &RequestContext, mem: &M, descs: &[Descriptor]) -> u32 {
+    match prepare(ctx, mem, descs) {
+        Outcome::Done(used) => used,
+        Outcome::Transfer(t) => {
+            let result = with_iovecs(mem, &t.segs, false, |iovs| {
+                if t.read {
+                    ctx.disk.read_vectored(iovs, t.offset)
+                } else {
+                    ctx.disk.write_vectored(iovs, t.offset, t.durable)
+                }
+            });
+            if let Err(e) = &result {
+                log::warn!(
+                    "{} of {} bytes at offset {} failed: {e}",
+                    if t.read { "read" } else { "write" },
+                    t.len,
+                    t.offset
+                );
+            }
+            t.complete(mem, result.is_ok())
+        }
+    }
+}
+
+/// Validate the request described by `descs` and run everything but its data transfer.
+pub fn prepare<M: GuestMemoryBackend>(
+    ctx: &RequestContext,
+    mem: &M,
+    descs: &[Descriptor],
+) -> Outcome {
     let readable_count = descs
         .iter()
         .take_while(|d| d.flags() & VRING_DESC_F_WRITE == 0)
@@ -176,17 +271,17 @@ pub fn execute<M: GuestMemoryBackend>(ctx: &RequestContext, mem: &M, descs: &[De
         .filter(|d| d.flags() & VRING_DESC_F_WRITE != 0 && d.len() > 0)
     else {
         log::debug!("request without a writable status byte; returning it unanswered");
-        return 0;
+        return Outcome::Done(0);
     };
     let status_addr = last.addr().0.checked_add(u64::from(last.len()) - 1);
     let Some(status_addr) = status_addr else {
-        return 0;
+        return Outcome::Done(0);
     };
-    let write_status = |status: u8, data_len: u32| -> u32 {
-        match mem.write_obj(status, GuestAddress(status_addr)) {
+    let write_status = |status: u8, data_len: u32| -> Outcome {
+        Outcome::Done(match mem.write_obj(status, GuestAddress(status_addr)) {
             Ok(()) => data_len.saturating_add(1),
             Err(_) => 0,
-        }
+        })
     };
     if writable.iter().any(|d| d.flags() & VRING_DESC_F_WRITE == 0) {
         return write_status(VIRTIO_BLK_S_IOERR, 0);
@@ -233,15 +328,16 @@ pub fn execute<M: GuestMemoryBackend>(ctx: &RequestContext, mem: &M, descs: &[De
                 (VIRTIO_BLK_S_IOERR, 0)
             } else {
                 match disk_range(ctx.disk, sector, writable_len) {
-                    Some(offset) => match read_into_guest(ctx.disk, mem, &writable_segs, offset) {
-                        Ok(()) => (VIRTIO_BLK_S_OK, writable_len as u32),
-                        Err(e) => {
-                            log::warn!(
-                                "read of {writable_len} bytes at sector {sector} failed: {e}"
-                            );
-                            (VIRTIO_BLK_S_IOERR, 0)
-                        }
-                    },
+                    Some(offset) => {
+                        return Outcome::Transfer(Transfer {
+                            read: true,
+                            offset,
+                            len: writable_len,
+                            segs: writable_segs,
+                            status_addr,
+                            durable: false,
+                        })
+                    }
                     None => (VIRTIO_BLK_S_IOERR, 0),
                 }
             }
@@ -251,15 +347,16 @@ pub fn execute<M: GuestMemoryBackend>(ctx: &RequestContext, mem: &M, descs: &[De
                 (VIRTIO_BLK_S_IOERR, 0)
             } else {
                 match disk_range(ctx.disk, sector, readable_len) {
-                    Some(offset) => match write_from_guest(ctx, mem, &readable_segs, offset) {
-                        Ok(()) => (VIRTIO_BLK_S_OK, 0),
-                        Err(e) => {
-                            log::warn!(
-                                "write of {readable_len} bytes at sector {sector} failed: {e}"
-                            );
-                            (VIRTIO_BLK_S_IOERR, 0)
-                        }
-                    },
+                    Some(offset) => {
+                        return Outcome::Transfer(Transfer {
+                            read: false,
+                            offset,
+                            len: readable_len,
+                            segs: readable_segs,
+                            status_addr,
+                            durable: !ctx.writeback,
+                        })
+                    }
                     None => (VIRTIO_BLK_S_IOERR, 0),
                 }
             }
@@ -386,26 +483,6 @@ fn with_iovecs<M: GuestMemoryBackend>(
     Ok(())
 }
 
-fn read_into_guest<M: GuestMemoryBackend>(
-    disk: &Disk,
-    mem: &M,
-    segs: &[Segment],
-    offset: u64,
-) -> io::Result<()> {
-    with_iovecs(mem, segs, true, |iovs| disk.read_vectored(iovs, offset))
-}
-
-fn write_from_guest<M: GuestMemoryBackend>(
-    ctx: &RequestContext,
-    mem: &M,
-    segs: &[Segment],
-    offset: u64,
-) -> io::Result<()> {
-    with_iovecs(mem, segs, false, |iovs| {
-        ctx.disk.write_vectored(iovs, offset, !ctx.writeback)
-    })
-}
-
 /// DISCARD and WRITE_ZEROES: a list of {sector, num_sectors, flags} ranges.
 fn ranges<M: GuestMemoryBackend>(
     ctx: &RequestContext,
@@ -422,7 +499,10 @@ fn ranges<M: GuestMemoryBackend>(
             ctx.limits.max_write_zeroes_sectors,
         )
     };
-    if len == 0 || !len.is_multiple_of(SEGMENT_LEN as u64) || len / SEGMENT_LEN as u64 > u64::from(max_seg) {
+    if len == 0
+        || !len.is_multiple_of(SEGMENT_LEN as u64)
+        || len / SEGMENT_LEN as u64 > u64::from(max_seg)
+    {
         return VIRTIO_BLK_S_IOERR;
     }
     let mut raw = vec![0u8; len as usize];
