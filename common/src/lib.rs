@@ -58,6 +58,11 @@ pub struct DeviceInfo {
 }
 
 /// The hooks the serve loop calls around each frontend connection.
+///
+/// Note on `VhostUserBackend::handle_event(device_event, evset, vrings, thread_id)`:
+/// vhost-user-backend hands each worker thread only the vrings of its queues
+/// (`queues_per_thread()[thread_id]`, in queue order), and a kick's `device_event` is the
+/// vring's index within that thread, not the global queue index.
 pub trait DeviceBackend:
     VhostUserBackend<Bitmap = BitmapMmapRegion, Vring = Vring> + Clone + 'static
 {
