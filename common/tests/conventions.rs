@@ -360,3 +360,83 @@ fn which(name: &str) -> Result<PathBuf, ()> {
         })
         .ok_or(())
 }
+
+/// Malformed vhost-user messages end at worst the session that sent them: the daemon answers
+/// the next frontend as if nothing happened.
+#[test]
+fn hostile_frontend_messages_never_take_the_daemon_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let sock = dir.path().join("blk.sock");
+    let log = dir.path().join("daemon.log");
+    let mut child = Command::new(binary("vhost-user-block"))
+        .args([
+            "--socket",
+            sock.to_str().unwrap(),
+            "--path",
+            img.to_str().unwrap(),
+            "--num-queues",
+            "2",
+        ])
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .unwrap();
+    wait_for("socket", || UnixStream::connect(&sock).is_ok());
+
+    let msg = |code: u32, flags: u32, size: u32, payload: &[u8]| {
+        let mut m = Vec::new();
+        m.extend_from_slice(&code.to_le_bytes());
+        m.extend_from_slice(&flags.to_le_bytes());
+        m.extend_from_slice(&size.to_le_bytes());
+        m.extend_from_slice(payload);
+        m
+    };
+    let vring_state = |index: u32, num: u32| {
+        let mut v = index.to_le_bytes().to_vec();
+        v.extend_from_slice(&num.to_le_bytes());
+        v
+    };
+    let set_owner = msg(3, 1, 0, &[]);
+    let cases: Vec<Vec<Vec<u8>>> = vec![
+        vec![msg(0xdead, 1, 0, &[])],               // unknown request
+        vec![msg(1, 1, 0x10_0000, &[])],            // absurd payload size
+        vec![msg(2, 1, 8, &[1, 2, 3])],             // truncated payload
+        vec![msg(2, 1, 4, &[0, 0, 0, 0])],          // SET_FEATURES too short
+        vec![set_owner.clone(), set_owner.clone()], // SET_OWNER twice
+        vec![set_owner.clone(), msg(8, 1, 8, &vring_state(0, 0))], // SET_VRING_NUM 0
+        vec![set_owner.clone(), msg(8, 1, 8, &vring_state(0, 65535))], // SET_VRING_NUM too large
+        vec![set_owner.clone(), msg(8, 1, 8, &vring_state(99, 256))], // queue index out of range
+        vec![set_owner.clone(), msg(5, 1, 8, &[0u8; 8])], // SET_MEM_TABLE, no regions/fds
+        vec![set_owner.clone(), msg(9, 1, 40, &[0xffu8; 40])], // SET_VRING_ADDR garbage
+        vec![set_owner.clone(), msg(11, 1, 8, &vring_state(1, 0))], // GET_VRING_BASE on a dead ring
+        vec![set_owner.clone(), msg(12, 1, 8, &0x1ffu64.to_le_bytes())], // SET_VRING_KICK index, no fd
+        vec![msg(24, 1, 12, &[0xffu8; 12])],                             // GET_CONFIG, bogus size
+        vec![msg(16, 1, 8, &u64::MAX.to_le_bytes())], // SET_PROTOCOL_FEATURES all ones
+        vec![(0..200u32)
+            .flat_map(|i| i.wrapping_mul(2654435761).to_le_bytes())
+            .collect()], // noise
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        for m in case {
+            let _ = s.write_all(m);
+        }
+        // Whatever the daemon answers (or whether it hangs up), it must serve the next frontend.
+        let mut sink = [0u8; 256];
+        let _ = s.read(&mut sink);
+        drop(s);
+        let mut next =
+            UnixStream::connect(&sock).unwrap_or_else(|e| panic!("case {i}: daemon gone: {e}"));
+        features(&mut next);
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "case {i}: daemon exited"
+        );
+    }
+    sigterm(&child);
+    assert!(wait_exit(&mut child).success());
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(!log.contains("panicked"), "daemon panicked:\n{log}");
+}
