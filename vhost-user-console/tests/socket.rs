@@ -1,0 +1,437 @@
+//! The console daemon driven over its vhost-user socket by a mock frontend, with real clients
+//! on its socket, TCP and pty endpoints.
+
+mod frontend;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use frontend::{
+    daemon_binary, Buf, Daemon, Session, DESC_NEXT, DESC_WRITE, F_EMERG_WRITE, F_MULTIPORT, F_SIZE,
+};
+
+struct Setup {
+    dir: tempfile::TempDir,
+    daemon: Daemon,
+}
+
+impl Setup {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn socket(&self) -> PathBuf {
+        self.path("vhost.sock")
+    }
+}
+
+/// Start the daemon with `args`; `{}` in an argument stands for the test's directory.
+fn start(args: &[&str]) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    let socket = dir.path().join("vhost.sock");
+    let mut full: Vec<String> = vec!["--socket".into(), socket.to_str().unwrap().into()];
+    full.extend(args.iter().map(|a| a.replace("{}", &d)));
+    let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+    let daemon = Daemon::start(&daemon_binary(), &refs, &socket);
+    Setup { dir, daemon }
+}
+
+fn attach(path: &Path) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(s) = UnixStream::connect(path) {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cannot attach to {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn read_n(s: &mut impl Read, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    s.read_exact(&mut v).expect("client read");
+    v
+}
+
+/// Wait until `path` holds exactly `want`.
+fn wait_file(path: &Path, want: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = std::fs::read(path).unwrap_or_default();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} holds {:?}, want {:?}",
+            path.display(),
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(want)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn guest_output_reaches_socket_client_and_log() {
+    let s = start(&["--backend", "socket={}/con.sock", "--log", "{}/con.log"]);
+    let mut client = attach(&s.path("con.sock"));
+    let mut fe = Session::connect(&s.socket(), 0, 2);
+    fe.send(1, b"Linux version 6.1\r\n");
+    fe.send(1, b"login: ");
+    assert_eq!(read_n(&mut client, 26), b"Linux version 6.1\r\nlogin: ");
+    wait_file(&s.path("con.log"), b"Linux version 6.1\r\nlogin: ");
+}
+
+#[test]
+fn late_and_returning_clients_get_the_recent_output() {
+    let s = start(&["--backend", "socket={}/con.sock", "--history", "16"]);
+    let mut fe = Session::connect(&s.socket(), 0, 2);
+    fe.send(1, b"early boot messages\n");
+    // Attached after the output: the last 16 bytes are replayed.
+    let mut client = attach(&s.path("con.sock"));
+    assert_eq!(read_n(&mut client, 16), b"y boot messages\n");
+    drop(client);
+    // While detached the guest keeps writing, never blocked.
+    fe.send(1, b"more\n");
+    fe.send(1, b"login: ");
+    let mut again = attach(&s.path("con.sock"));
+    let all = b"early boot messages\nmore\nlogin: ";
+    assert_eq!(read_n(&mut again, 16), &all[all.len() - 16..]);
+    fe.send(1, b"x");
+    assert_eq!(read_n(&mut again, 1), b"x");
+}
+
+#[test]
+fn host_input_reaches_the_guest_in_order() {
+    let s = start(&["--backend", "socket={}/con.sock"]);
+    let mut client = attach(&s.path("con.sock"));
+    let mut fe = Session::connect(&s.socket(), 0, 2);
+    // Typed before the guest posted any buffer: it waits, it is not dropped.
+    client.write_all(b"root\n").unwrap();
+    client.write_all(b"uname -a\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut posted = fe.post_rx(0, 8, 4);
+    let got = fe.receive(0, &mut posted, 14);
+    assert_eq!(got, b"root\nuname -a\n");
+}
+
+#[test]
+fn a_flood_of_input_is_held_back_not_dropped() {
+    let s = start(&["--backend", "socket={}/con.sock"]);
+    let client = attach(&s.path("con.sock"));
+    let mut fe = Session::connect(&s.socket(), 0, 2);
+    // Far more than the daemon buffers: the writer is held by the socket, nothing is lost.
+    let data: Vec<u8> = (0..600_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let writer = {
+        let mut c = client.try_clone().unwrap();
+        let data = data.clone();
+        std::thread::spawn(move || c.write_all(&data).unwrap())
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        // A round of 64 buffers, refilled once every one of them came back.
+        fe.guest.reset_data();
+        let mut posted = fe.post_rx(0, 64, 4096);
+        while !posted.is_empty() && got.len() < data.len() {
+            let want = got.len() + 1;
+            let more = fe.receive(0, &mut posted, 1);
+            got.extend(more);
+            assert!(got.len() >= want);
+        }
+        if got.len() >= data.len() {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "input arrived reordered or corrupted");
+}
+
+fn control(id: u32, event: u16, value: u16) -> Vec<u8> {
+    let mut v = id.to_le_bytes().to_vec();
+    v.extend_from_slice(&event.to_le_bytes());
+    v.extend_from_slice(&value.to_le_bytes());
+    v
+}
+
+/// Read control messages until `n` arrived.
+fn control_messages(fe: &mut Session, posted: &mut Vec<(u16, u64)>, n: usize) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        for (head, len) in fe.queues[2].wait_used(&fe.guest, 1) {
+            let pos = posted.iter().position(|(h, _)| *h == head).unwrap();
+            let (_, addr) = posted.remove(pos);
+            out.push(fe.read(addr, len as usize));
+        }
+    }
+    out
+}
+
+#[test]
+fn multiport_handshake_names_ports_and_carries_their_data() {
+    let s = start(&[
+        "--backend",
+        "socket={}/con.sock",
+        "--size",
+        "100x30",
+        "--port",
+        "name=org.qemu.guest_agent.0,backend=socket={}/qga.sock,log={}/qga.log",
+    ]);
+    let mut fe = Session::connect(&s.socket(), F_MULTIPORT | F_SIZE, 6);
+    assert_ne!(fe.features & F_MULTIPORT, 0, "multiport offered");
+    let config = fe.config(0, 12);
+    assert_eq!(&config[0..4], &[100, 0, 30, 0], "cols, rows");
+    assert_eq!(&config[4..8], &2u32.to_le_bytes(), "max_nr_ports");
+
+    let mut posted = fe.post_rx(2, 16, 64);
+    fe.send(3, &control(0, 0, 1)); // DEVICE_READY
+    let adds = control_messages(&mut fe, &mut posted, 2);
+    assert_eq!(adds, vec![control(0, 1, 1), control(1, 1, 1)]);
+
+    fe.send(3, &control(0, 3, 1)); // PORT_READY 0
+    let mut resize = control(0, 5, 0);
+    resize.extend_from_slice(&30u16.to_le_bytes());
+    resize.extend_from_slice(&100u16.to_le_bytes());
+    assert_eq!(
+        control_messages(&mut fe, &mut posted, 3),
+        vec![control(0, 4, 1), resize, control(0, 6, 1)]
+    );
+    fe.send(3, &control(1, 3, 1)); // PORT_READY 1
+    let mut name = control(1, 7, 1);
+    name.extend_from_slice(b"org.qemu.guest_agent.0");
+    assert_eq!(
+        control_messages(&mut fe, &mut posted, 2),
+        vec![name, control(1, 6, 1)]
+    );
+
+    // Port 1 is queues 4 (receive) and 5 (transmit).
+    let mut agent = attach(&s.path("qga.sock"));
+    fe.send(5, b"{\"return\": {}}\n");
+    assert_eq!(read_n(&mut agent, 15), b"{\"return\": {}}\n");
+    wait_file(&s.path("qga.log"), b"{\"return\": {}}\n");
+
+    // Input for a generic port waits until the guest opened it.
+    agent.write_all(b"{\"execute\":\"guest-ping\"}\n").unwrap();
+    let mut rx = fe.post_rx(4, 4, 64);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        fe.queues[4].take_used(&fe.guest).is_empty(),
+        "input before PORT_OPEN"
+    );
+    fe.send(3, &control(1, 6, 1)); // PORT_OPEN 1
+    assert_eq!(
+        fe.receive(4, &mut rx, 25),
+        b"{\"execute\":\"guest-ping\"}\n"
+    );
+}
+
+#[test]
+fn pty_resize_reaches_a_multiport_guest() {
+    let s = start(&["--backend", "pty", "--port", "name=p1,backend=null"]);
+    // The daemon prints the pty's path on stderr; the test finds it among its descriptors.
+    let mut fe = Session::connect(&s.socket(), F_MULTIPORT | F_SIZE, 6);
+    assert_ne!(fe.features & F_SIZE, 0, "size offered for a pty");
+    let mut posted = fe.post_rx(2, 16, 64);
+    fe.send(3, &control(0, 0, 1));
+    control_messages(&mut fe, &mut posted, 2);
+    fe.send(3, &control(0, 3, 1));
+    // CONSOLE_PORT, PORT_OPEN (a fresh pty has no size yet).
+    let first = control_messages(&mut fe, &mut posted, 2);
+    assert_eq!(first, vec![control(0, 4, 1), control(0, 6, 1)]);
+
+    let pty = pty_of(s.daemon.child.id());
+    let user = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pty)
+        .unwrap();
+    let ws = libc::winsize {
+        ws_row: 50,
+        ws_col: 160,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&user);
+    // SAFETY: TIOCSWINSZ reads one winsize from the local struct.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
+    assert_eq!(rc, 0);
+    let mut resize = control(0, 5, 0);
+    resize.extend_from_slice(&50u16.to_le_bytes());
+    resize.extend_from_slice(&160u16.to_le_bytes());
+    assert_eq!(control_messages(&mut fe, &mut posted, 1), vec![resize]);
+    assert_eq!(&fe.config(0, 4), &[160, 0, 50, 0]);
+
+    // And the pty carries the console both ways.
+    fe.send(1, b"hello pty\n");
+    let mut u = user.try_clone().unwrap();
+    assert_eq!(read_n(&mut u, 10), b"hello pty\n");
+}
+
+/// The pty a daemon process holds open (its only /dev/pts descriptor).
+fn pty_of(pid: u32) -> PathBuf {
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        if let Ok(target) = std::fs::read_link(e.unwrap().path()) {
+            if target.starts_with("/dev/pts/") {
+                return target;
+            }
+        }
+    }
+    panic!("daemon holds no pty");
+}
+
+#[test]
+fn emergency_write_reaches_the_console() {
+    let s = start(&["--backend", "socket={}/con.sock"]);
+    let mut client = attach(&s.path("con.sock"));
+    let mut fe = Session::connect(&s.socket(), F_EMERG_WRITE, 2);
+    assert_ne!(fe.features & F_EMERG_WRITE, 0);
+    fe.write_config(8, &u32::from(b'!').to_le_bytes()).unwrap();
+    assert_eq!(read_n(&mut client, 1), b"!");
+}
+
+#[test]
+fn hostile_chains_are_returned_and_the_device_keeps_working() {
+    let s = start(&["--backend", "socket={}/con.sock", "--log", "{}/con.log"]);
+    let mut client = attach(&s.path("con.sock"));
+    let mut fe = Session::connect(&s.socket(), 0, 2);
+    let g = &mut fe.guest;
+    let tx = &mut fe.queues[1];
+
+    // A device-writable buffer on the transmit queue.
+    let a = g.alloc(16);
+    let h1 = tx.add(
+        g,
+        &[Buf {
+            addr: a,
+            len: 16,
+            writable: true,
+        }],
+    );
+    // A buffer beyond guest memory.
+    let h2 = tx.add(
+        g,
+        &[Buf {
+            addr: (frontend::MEM_SIZE as u64) - 8,
+            len: 64,
+            writable: false,
+        }],
+    );
+    // A chain that loops on itself.
+    tx.write_desc(g, 10, a, 4, DESC_NEXT, 10);
+    tx.publish(g, 10);
+    // A next index beyond the table.
+    tx.write_desc(g, 11, a, 4, DESC_NEXT, 5000);
+    tx.publish(g, 11);
+    // A head index beyond the table.
+    tx.publish(g, 9999);
+    // An enormous length.
+    tx.write_desc(g, 12, a, u32::MAX, 0, 0);
+    tx.publish(g, 12);
+    let used = tx.wait_used(g, 5);
+    for (head, len) in &used {
+        assert_eq!(*len, 0, "chain {head} returned with data length");
+    }
+    let heads: Vec<u16> = used.iter().map(|u| u.0).collect();
+    for h in [h1, h2, 10, 11, 12] {
+        assert!(heads.contains(&h), "chain {h} not returned: {heads:?}");
+    }
+
+    // A device-readable buffer on the receive queue and a short control message.
+    let rx = &mut fe.queues[0];
+    let b = fe.guest.alloc(8);
+    rx.add(
+        &fe.guest,
+        &[Buf {
+            addr: b,
+            len: 8,
+            writable: false,
+        }],
+    );
+    client.write_all(b"k").unwrap();
+    let used = fe.queues[0].wait_used(&fe.guest, 1);
+    assert_eq!(used[0].1, 0);
+
+    // Nothing of that reached the client or the log, and good traffic still flows both ways.
+    fe.send(1, b"still alive\n");
+    assert_eq!(read_n(&mut client, 12), b"still alive\n");
+    wait_file(&s.path("con.log"), b"still alive\n");
+    let mut posted = fe.post_rx(0, 1, 8);
+    assert_eq!(fe.receive(0, &mut posted, 1), b"k");
+    let _ = DESC_WRITE;
+}
+
+#[test]
+fn hostile_control_messages_get_no_answer_and_break_nothing() {
+    let s = start(&["--backend", "null", "--port", "name=a,backend=null"]);
+    let mut fe = Session::connect(&s.socket(), F_MULTIPORT, 6);
+    let mut posted = fe.post_rx(2, 8, 64);
+    fe.send(3, &[1, 2, 3]); // too short
+    fe.send(3, &control(77, 3, 1)); // PORT_READY for a port that does not exist
+    fe.send(3, &control(0, 1, 1)); // DEVICE_ADD is the device's message, not the driver's
+    fe.send(3, &control(0, 999, 0)); // unknown event
+    fe.send(3, &control(0, 0, 1)); // and then a proper DEVICE_READY
+    let adds = control_messages(&mut fe, &mut posted, 2);
+    assert_eq!(adds, vec![control(0, 1, 1), control(1, 1, 1)]);
+}
+
+#[test]
+fn clients_and_input_survive_a_frontend_reconnect() {
+    let s = start(&["--backend", "socket={}/con.sock"]);
+    let mut client = attach(&s.path("con.sock"));
+    {
+        let mut fe = Session::connect(&s.socket(), 0, 2);
+        fe.send(1, b"first boot\n");
+        assert_eq!(read_n(&mut client, 11), b"first boot\n");
+    }
+    // No frontend now: typed input waits for the next one.
+    client.write_all(b"typed while away\n").unwrap();
+    let mut fe = Session::connect(&s.socket(), 0, 2);
+    let mut posted = fe.post_rx(0, 4, 64);
+    assert_eq!(fe.receive(0, &mut posted, 17), b"typed while away\n");
+    fe.send(1, b"second session\n");
+    assert_eq!(read_n(&mut client, 15), b"second session\n");
+}
+
+#[test]
+fn tcp_backend_listens_on_loopback() {
+    let port = free_tcp_port();
+    let s = start(&["--backend", &format!("tcp={port}")]);
+    let mut fe = Session::connect(&s.socket(), 0, 2);
+    fe.send(1, b"over tcp\n");
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    assert_eq!(read_n(&mut c, 9), b"over tcp\n");
+    c.write_all(b"ls\n").unwrap();
+    let mut posted = fe.post_rx(0, 2, 64);
+    assert_eq!(fe.receive(0, &mut posted, 3), b"ls\n");
+}
+
+fn free_tcp_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[test]
+fn stdio_backend_works_without_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let mut d = Daemon::start_with(
+        &daemon_binary(),
+        &["--socket", socket.to_str().unwrap(), "--backend", "stdio"],
+        &socket,
+        std::process::Stdio::null(),
+    );
+    let mut fe = Session::connect(&socket, 0, 2);
+    fe.send(1, b"to stdout\n");
+    let mut out = d.child.stdout.take().unwrap();
+    assert_eq!(read_n(&mut out, 10), b"to stdout\n");
+}
