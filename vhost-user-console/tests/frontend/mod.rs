@@ -37,6 +37,31 @@ pub fn daemon_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vhost-user-console"))
 }
 
+/// Start an arbitrary daemon command, waiting until `socket` accepts connections.
+pub fn spawn(cmd: &mut Command, socket: &Path) -> Daemon {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start daemon");
+    // Only look for the file: a probing connection would be a frontend session to a daemon
+    // that serves a single one.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never came up",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    Daemon {
+        child,
+        socket: socket.to_owned(),
+    }
+}
+
 /// A daemon process, terminated (SIGTERM) when dropped.
 pub struct Daemon {
     pub child: Child,
@@ -292,6 +317,35 @@ impl Queue {
         }
     }
 
+    /// Make the single-descriptor chains `heads` (buffers `(addr, len)`) available with one
+    /// kick, as a driver with a batch of output does.
+    pub fn publish_batch(&mut self, g: &Guest, chains: &[(u16, u64, u32)]) {
+        for &(head, addr, len) in chains {
+            self.write_desc(g, head, addr, len, 0, 0);
+            let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
+            g.mem.write_obj(head, GuestAddress(slot)).unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
+        fence(Ordering::SeqCst);
+        g.mem
+            .write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        self.kick.write(1).unwrap();
+    }
+
+    /// Wait (up to `timeout`) for the device to signal this queue.
+    pub fn wait_call(&self, timeout: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        let _ = self.call.read();
+    }
+
     /// How many chains are outstanding (posted, not yet used).
     pub fn in_flight(&self) -> u16 {
         self.avail_idx.wrapping_sub(self.last_used)
@@ -352,6 +406,9 @@ impl Session {
             fe.set_vring_enable(i, true).unwrap();
             queues.push(q);
         }
+        // A request with a reply: every message before it has been handled, so no kick can
+        // reach a ring the daemon has not enabled yet.
+        fe.get_features().unwrap();
         Session {
             fe,
             guest,
