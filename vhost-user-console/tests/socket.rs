@@ -435,3 +435,22 @@ fn stdio_backend_works_without_a_terminal() {
     let mut out = d.child.stdout.take().unwrap();
     assert_eq!(read_n(&mut out, 10), b"to stdout\n");
 }
+
+#[test]
+fn a_client_that_stops_reading_cannot_hold_the_guest_for_long() {
+    let s = start(&["--backend", "socket={}/con.sock", "--history", "1024"]);
+    let stuck = attach(&s.path("con.sock"));
+    let mut fe = Session::connect(&s.socket(), 0, 2);
+    // Much more than the client's socket and its allowance in the daemon hold.
+    let chunk = vec![b'x'; 32 * 1024];
+    for _ in 0..128 {
+        fe.queues[1].send(&mut fe.guest, &chunk);
+    }
+    // The daemon waits a few seconds for the client, then detaches it and takes the rest.
+    fe.queues[1].wait_used(&fe.guest, 128);
+    fe.send(1, b"\nlast line\n");
+    let mut late = attach(&s.path("con.sock"));
+    let replay = read_n(&mut late, 1024);
+    assert!(replay.ends_with(b"xx\nlast line\n"));
+    drop(stuck);
+}
