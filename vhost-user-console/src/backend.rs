@@ -673,7 +673,9 @@ impl Device {
         if evset
             .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP)
         {
-            while !port.input_full() && port.read_input(slot) == ReadOutcome::Read {}
+            // Stdin stays blocking (it is shared with the shell): one read per readiness event.
+            let once = matches!(port.host, HostEnd::Stdio(_));
+            while !port.input_full() && port.read_input(slot) == ReadOutcome::Read && !once {}
             self.fill_rx(p, vrings);
         }
         if self.tx_waiting[p] && !self.ports[p].output_blocked() {

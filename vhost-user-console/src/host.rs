@@ -298,6 +298,18 @@ impl Pty {
         }
         // SAFETY: posix_openpt returned a new descriptor that only we own.
         let master = unsafe { File::from_raw_fd(fd) };
+        // Never block the worker thread on the pty, whatever posix_openpt did with the flag.
+        // SAFETY: fcntl on the descriptor we own, integer arguments only.
+        let rc = unsafe {
+            libc::fcntl(
+                master.as_raw_fd(),
+                libc::F_SETFL,
+                libc::O_RDWR | libc::O_NONBLOCK,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
         // SAFETY: plain calls on the descriptor we own.
         if unsafe { libc::grantpt(master.as_raw_fd()) } != 0
             // SAFETY: as above.

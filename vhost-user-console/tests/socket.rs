@@ -454,3 +454,25 @@ fn a_client_that_stops_reading_cannot_hold_the_guest_for_long() {
     assert!(replay.ends_with(b"xx\nlast line\n"));
     drop(stuck);
 }
+
+#[test]
+fn stdio_backend_takes_piped_input_without_stalling() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vhost.sock");
+    let mut d = Daemon::start_with(
+        &daemon_binary(),
+        &["--socket", socket.to_str().unwrap(), "--backend", "stdio"],
+        &socket,
+        std::process::Stdio::piped(),
+    );
+    let mut fe = Session::connect(&socket, 0, 2);
+    let mut stdin = d.child.stdin.take().unwrap();
+    stdin.write_all(b"echo hi\n").unwrap();
+    let mut posted = fe.post_rx(0, 2, 64);
+    assert_eq!(fe.receive(0, &mut posted, 8), b"echo hi\n");
+    // The worker is not sitting in a read of the (blocking) stdin: output still flows.
+    fe.send(1, b"hi\n");
+    let mut out = d.child.stdout.take().unwrap();
+    assert_eq!(read_n(&mut out, 3), b"hi\n");
+    drop(stdin);
+}
