@@ -109,6 +109,8 @@ pub struct Port {
     pub guest_open: bool,
     /// Output bytes a pty or stdout could not take.
     pub dropped: u64,
+    /// Writes that lost output, for a log line at counts 1, 2, 4, 8...
+    lossy_writes: u64,
     history_capacity: usize,
 }
 
@@ -142,6 +144,7 @@ impl Port {
             input: VecDeque::new(),
             guest_open: false,
             dropped: 0,
+            lossy_writes: 0,
             history_capacity: history,
         })
     }
@@ -170,7 +173,7 @@ impl Port {
             HostEnd::Null => {}
             HostEnd::Stdio(_) => {
                 if write_stdout(data).is_err() {
-                    self.dropped += data.len() as u64;
+                    self.note_dropped(data.len(), "stdout refused it");
                 }
             }
             HostEnd::Pty(pty) => {
@@ -184,7 +187,9 @@ impl Port {
                         Err(_) => break,
                     }
                 }
-                self.dropped += rest.len() as u64;
+                if !rest.is_empty() {
+                    self.note_dropped(rest.len(), "nobody reads the pty");
+                }
             }
             HostEnd::Listen(_, clients) => {
                 for c in clients.iter_mut().flatten().filter(|c| !c.dead) {
@@ -194,6 +199,18 @@ impl Port {
                     }
                 }
             }
+        }
+    }
+
+    fn note_dropped(&mut self, bytes: usize, why: &str) {
+        self.dropped += bytes as u64;
+        self.lossy_writes += 1;
+        if self.lossy_writes.is_power_of_two() {
+            log::info!(
+                "port {}: guest output dropped ({why}); {} bytes so far (the log and history keep it)",
+                self.id,
+                self.dropped
+            );
         }
     }
 
@@ -379,5 +396,23 @@ mod tests {
         client.write_all(b"root\n").unwrap();
         while port.read_input(1) != ReadOutcome::Read {}
         assert_eq!(port.input.iter().copied().collect::<Vec<_>>(), b"root\n");
+    }
+
+    #[test]
+    fn unread_pty_drops_output_instead_of_blocking() {
+        let mut port = Port::open(
+            0,
+            &PortConfig {
+                name: None,
+                host: HostSpec::Pty,
+                log: None,
+            },
+            64,
+        )
+        .unwrap();
+        // Far beyond what a pty buffers; nobody has the other side open.
+        port.output(&vec![b'x'; 1 << 20]);
+        assert!(port.dropped > 0);
+        assert_eq!(port.history.iter().count(), 64);
     }
 }
