@@ -14,7 +14,7 @@ pub const DEVICE_REMOVE: u16 = 2;
 pub const PORT_READY: u16 = 3;
 /// Device -> driver: the port is a console (becomes an hvc device).
 pub const CONSOLE_PORT: u16 = 4;
-/// Device -> driver: new console size, `le16 rows, le16 cols` after the header.
+/// Device -> driver: new console size, `le16 cols, le16 rows` after the header.
 pub const RESIZE: u16 = 5;
 /// Both ways: the port was opened (value 1) or closed (0) on the sender's side.
 pub const PORT_OPEN: u16 = 6;
@@ -54,10 +54,12 @@ impl Control {
     }
 }
 
-/// `RESIZE` for port `id`: rows then cols, as Linux's driver reads them.
+/// `RESIZE` for port `id`: `le16 cols, le16 rows` after the header (virtio spec 5.3.6.2).
+/// Linux read them the other way round until 2025 ("virtio_console: fix order of dimensions in
+/// RESIZE message", backported to stable kernels); the spec's order is the one that lasts.
 pub fn resize(id: u32, cols: u16, rows: u16) -> Vec<u8> {
-    let mut size = rows.to_le_bytes().to_vec();
-    size.extend_from_slice(&cols.to_le_bytes());
+    let mut size = cols.to_le_bytes().to_vec();
+    size.extend_from_slice(&rows.to_le_bytes());
     Control {
         id,
         event: RESIZE,
@@ -96,6 +98,6 @@ mod tests {
         assert_eq!(bytes, [3, 0, 0, 0, 6, 0, 1, 0]);
         assert_eq!(Control::parse(&bytes), Some(c));
         assert_eq!(Control::parse(&bytes[..7]), None);
-        assert_eq!(resize(0, 132, 40), [0, 0, 0, 0, 5, 0, 0, 0, 40, 0, 132, 0]);
+        assert_eq!(resize(0, 132, 40), [0, 0, 0, 0, 5, 0, 0, 0, 132, 0, 40, 0]);
     }
 }

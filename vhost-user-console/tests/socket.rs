@@ -198,9 +198,9 @@ fn multiport_handshake_names_ports_and_carries_their_data() {
     assert_eq!(adds, vec![control(0, 1, 1), control(1, 1, 1)]);
 
     fe.send(3, &control(0, 3, 1)); // PORT_READY 0
-    let mut resize = control(0, 5, 0);
-    resize.extend_from_slice(&30u16.to_le_bytes());
+    let mut resize = control(0, 5, 0); // cols, rows
     resize.extend_from_slice(&100u16.to_le_bytes());
+    resize.extend_from_slice(&30u16.to_le_bytes());
     assert_eq!(
         control_messages(&mut fe, &mut posted, 3),
         vec![control(0, 4, 1), resize, control(0, 6, 1)]
@@ -264,9 +264,9 @@ fn pty_resize_reaches_a_multiport_guest() {
     // SAFETY: TIOCSWINSZ reads one winsize from the local struct.
     let rc = unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
     assert_eq!(rc, 0);
-    let mut resize = control(0, 5, 0);
-    resize.extend_from_slice(&50u16.to_le_bytes());
+    let mut resize = control(0, 5, 0); // cols, rows
     resize.extend_from_slice(&160u16.to_le_bytes());
+    resize.extend_from_slice(&50u16.to_le_bytes());
     assert_eq!(control_messages(&mut fe, &mut posted, 1), vec![resize]);
     assert_eq!(&fe.config(0, 4), &[160, 0, 50, 0]);
 
