@@ -1,0 +1,790 @@
+//! The VM and the thread that owns it.
+//!
+//! [`Vm`] is one boot of the guest: KVM VM, guest RAM, buses, legacy devices, vhost-user
+//! devices and vCPU threads. [`Vmm`] owns the current `Vm` on one thread and serves
+//! [`VmMessage`]s: API requests (each with a reply channel) and guest events from vCPU threads
+//! and devices. Anyone else (a future HTTP API, signal handlers, tests) holds a [`VmHandle`]:
+//! the sending half of the channel plus an eventfd that wakes the VM thread's epoll loop,
+//! which also watches the device manager's fds and stdin for the serial console.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{self, regs, BootEntry, BootError};
+use crate::bus::{Bus, BusDevice};
+use crate::config::{SerialMode, VmConfig};
+use crate::devices::legacy::{
+    i8042, AcpiPm, Cmos, PostPort, PowerEvent, PowerEventSink, Serial, I8042,
+};
+use crate::layout;
+use crate::memory::{GuestMemoryMmap, GuestRam, MemoryError};
+use crate::vcpu::{VcpuContext, VcpuEvent, VcpuHandle};
+use crate::vhost_user::{attach_devices, DeviceError, DeviceManager};
+
+/// When the process started (set by `main`), for the start-up time measurement.
+pub static PROCESS_START: OnceLock<Instant> = OnceLock::new();
+
+/// What A2's device side gets to attach devices to the VM.
+pub struct DeviceContext {
+    /// The KVM VM (irqfds, ioeventfds, GSI routes).
+    pub vm_fd: Arc<VmFd>,
+    /// Guest RAM (memfd-backed regions).
+    pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    /// Port I/O bus (PCI config ports go here).
+    pub pio_bus: Arc<Bus>,
+    /// MMIO bus (BARs go here).
+    pub mmio_bus: Arc<Bus>,
+}
+
+/// Errors building or running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm is missing or unusable.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// A VM-level KVM call failed.
+    #[error("{0}: {1}")]
+    KvmCall(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest RAM could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel, initramfs or boot data could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// vCPU register setup failed.
+    #[error("vCPU {0}: {1}")]
+    VcpuSetup(u8, #[source] regs::RegsError),
+    /// A vCPU thread could not be started.
+    #[error("cannot start vCPU thread {0}: {1}")]
+    VcpuThread(u8, #[source] io::Error),
+    /// A legacy device could not be registered.
+    #[error("cannot set up {0}: {1}")]
+    Device(&'static str, String),
+    /// vhost-user devices could not be attached.
+    #[error("cannot attach devices: {0}")]
+    Devices(#[from] DeviceError),
+    /// The serial output file could not be opened.
+    #[error("cannot open serial output {0}: {1}")]
+    SerialFile(std::path::PathBuf, #[source] io::Error),
+    /// The VM thread's event loop failed.
+    #[error("VM event loop: {0}")]
+    EventLoop(#[source] io::Error),
+    /// A vCPU hit an error the guest cannot continue after.
+    #[error("vCPU {0} stopped: {1}")]
+    Guest(u8, String),
+}
+
+/// How the VM ended; [`ExitStatus::code`] is the process exit status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// The guest powered off (status 0).
+    PowerOff,
+    /// The guest rebooted and `--no-reboot` was given (status 2).
+    Reset,
+    /// Shut down by request: API or SIGTERM/SIGINT/SIGHUP (status 0).
+    Shutdown,
+}
+
+impl ExitStatus {
+    /// Process exit status.
+    pub fn code(self) -> i32 {
+        match self {
+            ExitStatus::PowerOff | ExitStatus::Shutdown => 0,
+            ExitStatus::Reset => 2,
+        }
+    }
+}
+
+/// Requests to the VM thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// State and sizes.
+    Info,
+    /// Stop all vCPUs (they leave KVM_RUN and wait).
+    Pause,
+    /// Let paused vCPUs run again.
+    Resume,
+    /// Restart the guest from scratch (a new VM from the same configuration).
+    Reboot,
+    /// End the VM and the VMM.
+    Shutdown,
+}
+
+/// Run state of the VM as the API reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum VmState {
+    /// vCPUs are running.
+    Running,
+    /// vCPUs are paused.
+    Paused,
+}
+
+/// Reply to [`ApiRequest::Info`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct VmInfo {
+    /// Run state.
+    pub state: VmState,
+    /// vCPU count.
+    pub cpus: u8,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Number of vhost-user devices.
+    pub devices: usize,
+    /// Whether every vhost-user daemon is connected.
+    pub devices_connected: bool,
+    /// How many times the guest was booted (1 + reboots).
+    pub boots: u32,
+}
+
+/// Successful replies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiResponse {
+    /// The request was carried out.
+    Done,
+    /// Answer to [`ApiRequest::Info`].
+    Info(VmInfo),
+}
+
+/// Failed requests.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The VM thread has ended.
+    #[error("the VM is no longer running")]
+    Gone,
+    /// The request does not fit the current state.
+    #[error("request not possible now: {0}")]
+    WrongState(&'static str),
+}
+
+/// What the VM thread receives.
+pub enum VmMessage {
+    /// A request and where to send the reply.
+    Api(ApiRequest, Sender<Result<ApiResponse, ApiError>>),
+    /// A vCPU stopped on its own.
+    Vcpu(u8, VcpuEvent),
+    /// A device asked to power off or reset.
+    Power(PowerEvent),
+}
+
+/// Sending side of the VM thread's channel; cheap to clone.
+#[derive(Clone)]
+pub struct VmHandle {
+    tx: Sender<VmMessage>,
+    wake: Arc<EventFd>,
+}
+
+/// Create a channel to a VM thread: the handle and what the VM thread receives.
+pub fn channel_pair() -> io::Result<(VmHandle, Receiver<VmMessage>, Arc<EventFd>)> {
+    let (tx, rx) = channel();
+    let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    Ok((
+        VmHandle {
+            tx,
+            wake: wake.clone(),
+        },
+        rx,
+        wake,
+    ))
+}
+
+impl VmHandle {
+    /// Post a message and wake the VM thread.
+    pub fn post(&self, msg: VmMessage) -> Result<(), ApiError> {
+        self.tx.send(msg).map_err(|_| ApiError::Gone)?;
+        self.wake.write(1).map_err(|_| ApiError::Gone)
+    }
+
+    /// Send a request and wait for its reply.
+    pub fn request(&self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
+        let (tx, rx) = channel();
+        self.post(VmMessage::Api(req, tx))?;
+        rx.recv().map_err(|_| ApiError::Gone)?
+    }
+
+    fn power_sink(&self) -> PowerEventSink {
+        let h = self.clone();
+        Box::new(move |e| {
+            // The VM thread being gone means the VM is ending anyway.
+            let _ = h.post(VmMessage::Power(e));
+        })
+    }
+}
+
+/// One boot of the guest.
+pub struct Vm {
+    vcpus: Vec<VcpuHandle>,
+    devices: Option<DeviceManager>,
+    serial: Option<Arc<Mutex<Serial>>>,
+    pio_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    vm_fd: Arc<VmFd>,
+    ram: GuestRam,
+    kvm: Kvm,
+    cpus: u8,
+    paused: bool,
+}
+
+fn insert(
+    bus: &Bus,
+    dev: Arc<Mutex<dyn BusDevice>>,
+    base: u64,
+    len: u64,
+    what: &'static str,
+) -> Result<(), VmError> {
+    bus.insert(dev, base, len)
+        .map_err(|e| VmError::Device(what, e.to_string()))
+}
+
+impl Vm {
+    /// A VM with RAM, in-kernel irqchip and PIT, and the legacy devices; no vCPUs yet.
+    /// `serial_out` None: no serial port at all.
+    pub fn create(
+        cpus: u8,
+        memory: u64,
+        hugepages: bool,
+        handle: &VmHandle,
+        serial_out: Option<Option<Box<dyn Write + Send>>>,
+    ) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let vm_fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::KvmCall("KVM_CREATE_VM", e))?;
+        vm_fd
+            .set_tss_address(layout::KVM_TSS_START as usize)
+            .map_err(|e| VmError::KvmCall("KVM_SET_TSS_ADDR", e))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| VmError::KvmCall("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd
+            .create_pit2(pit)
+            .map_err(|e| VmError::KvmCall("KVM_CREATE_PIT2", e))?;
+        let ram = GuestRam::new(memory, hugepages)?;
+        ram.register(&vm_fd)?;
+
+        let pio_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
+        let serial = match serial_out {
+            Some(out) => {
+                let irq = EventFd::new(EFD_NONBLOCK)
+                    .map_err(|e| VmError::Device("the serial port", e.to_string()))?;
+                vm_fd
+                    .register_irqfd(&irq, layout::SERIAL_GSI)
+                    .map_err(|e| VmError::KvmCall("KVM_IRQFD (serial)", e))?;
+                let serial = Arc::new(Mutex::new(Serial::new(out, irq)));
+                insert(&pio_bus, serial.clone(), 0x3f8, 8, "the serial port")?;
+                Some(serial)
+            }
+            None => None,
+        };
+        insert(
+            &pio_bus,
+            Arc::new(Mutex::new(I8042::new(handle.power_sink()))),
+            i8042::DATA_PORT,
+            i8042::COMMAND_PORT - i8042::DATA_PORT + 1,
+            "the i8042 controller",
+        )?;
+        insert(
+            &pio_bus,
+            Arc::new(Mutex::new(Cmos::default())),
+            0x70,
+            2,
+            "the CMOS clock",
+        )?;
+        insert(
+            &pio_bus,
+            Arc::new(Mutex::new(PostPort)),
+            0x80,
+            1,
+            "port 0x80",
+        )?;
+        let pm = Arc::new(Mutex::new(AcpiPm::new(
+            u64::from(layout::PM1A_EVT_PORT),
+            handle.power_sink(),
+        )));
+        insert(
+            &pio_bus,
+            pm.clone(),
+            u64::from(layout::PM1A_EVT_PORT),
+            4,
+            "ACPI PM1 event",
+        )?;
+        insert(
+            &pio_bus,
+            pm,
+            u64::from(layout::PM1A_CNT_PORT),
+            2,
+            "ACPI PM1 control",
+        )?;
+
+        Ok(Self {
+            vcpus: Vec::new(),
+            devices: None,
+            serial,
+            pio_bus,
+            mmio_bus,
+            vm_fd: Arc::new(vm_fd),
+            ram,
+            kvm,
+            cpus,
+            paused: false,
+        })
+    }
+
+    /// Build the VM `config` describes and start its vCPUs.
+    pub fn boot(
+        config: &VmConfig,
+        handle: &VmHandle,
+        serial_out: Option<Option<Box<dyn Write + Send>>>,
+    ) -> Result<Self, VmError> {
+        let mut vm = Self::create(
+            config.cpus,
+            config.memory,
+            config.hugepages,
+            handle,
+            serial_out,
+        )?;
+        if !config.devices.is_empty() {
+            vm.devices = Some(attach_devices(&vm.device_context(), &config.devices)?);
+        }
+        let entry = boot::load_linux(
+            &vm.memory(),
+            &vm.ram.ranges,
+            &config.kernel,
+            config.initramfs.as_deref(),
+            &config.cmdline,
+            config.cpus,
+        )?;
+        vm.start(entry, handle)?;
+        Ok(vm)
+    }
+
+    /// What the device side needs to attach devices.
+    pub fn device_context(&self) -> DeviceContext {
+        DeviceContext {
+            vm_fd: self.vm_fd.clone(),
+            mem: self.ram.mem.clone(),
+            pio_bus: self.pio_bus.clone(),
+            mmio_bus: self.mmio_bus.clone(),
+        }
+    }
+
+    /// Guest RAM (a snapshot of the current regions).
+    pub fn memory(&self) -> GuestMemoryMmap {
+        (*self.ram.mem.memory()).clone()
+    }
+
+    /// The memfd backing guest RAM.
+    pub fn memory_file(&self) -> &File {
+        &self.ram.file
+    }
+
+    /// Port I/O bus.
+    pub fn pio_bus(&self) -> &Arc<Bus> {
+        &self.pio_bus
+    }
+
+    /// MMIO bus.
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio_bus
+    }
+
+    /// Create, configure and start the vCPUs; vCPU 0 enters 64-bit mode at `entry`.
+    pub fn start(&mut self, entry: BootEntry, handle: &VmHandle) -> Result<(), VmError> {
+        regs::write_boot_tables(&self.memory()).map_err(|e| VmError::VcpuSetup(0, e))?;
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::KvmCall("KVM_GET_SUPPORTED_CPUID", e))?;
+        let events_handle = handle.clone();
+        let events: crate::vcpu::VcpuEventSink = Arc::new(move |id, event| {
+            let _ = events_handle.post(VmMessage::Vcpu(id, event));
+        });
+        let mut fds = Vec::new();
+        for id in 0..self.cpus {
+            let vcpu = self
+                .vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(|e| VmError::KvmCall("KVM_CREATE_VCPU", e))?;
+            let cpuid = boot::cpuid::vcpu_cpuid(&supported, id, self.cpus);
+            vcpu.set_cpuid2(&cpuid)
+                .map_err(|e| VmError::VcpuSetup(id, regs::RegsError::Kvm("KVM_SET_CPUID2", e)))?;
+            let setup = |r: Result<(), regs::RegsError>| r.map_err(|e| VmError::VcpuSetup(id, e));
+            setup(regs::setup_msrs(&vcpu))?;
+            setup(regs::setup_fpu(&vcpu))?;
+            setup(regs::setup_lapic(&vcpu))?;
+            if id == 0 {
+                setup(regs::setup_long_mode(&vcpu, entry.entry, entry.zero_page))?;
+            }
+            fds.push(vcpu);
+        }
+        // Application processors wait in KVM for INIT/SIPI from the boot processor.
+        for (id, vcpu) in fds.into_iter().enumerate() {
+            let id = id as u8;
+            let ctx = VcpuContext {
+                pio_bus: self.pio_bus.clone(),
+                mmio_bus: self.mmio_bus.clone(),
+                events: events.clone(),
+                started: PROCESS_START.get().copied(),
+            };
+            let h = VcpuHandle::spawn(id, vcpu, ctx).map_err(|e| VmError::VcpuThread(id, e))?;
+            self.vcpus.push(h);
+        }
+        Ok(())
+    }
+
+    /// Stop all vCPUs (they leave KVM_RUN and wait).
+    pub fn pause(&mut self) {
+        for v in &self.vcpus {
+            v.pause();
+        }
+        for v in &self.vcpus {
+            v.wait_parked();
+        }
+        self.paused = true;
+    }
+
+    /// Resume paused vCPUs.
+    pub fn resume(&mut self) {
+        for v in &self.vcpus {
+            v.resume();
+        }
+        self.paused = false;
+    }
+
+    /// Stop the vCPU threads and disconnect the devices.
+    pub fn shutdown(&mut self) {
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+        self.vcpus.clear();
+        if let Some(d) = self.devices.as_mut() {
+            d.shutdown();
+        }
+    }
+
+    /// Queue serial input for the guest.
+    pub fn serial_input(&self, bytes: &[u8]) {
+        if let Some(s) = &self.serial {
+            s.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .queue_input(bytes);
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Set by the termination signal handler; the VM thread shuts down when it sees it.
+static TERMINATE: AtomicBool = AtomicBool::new(false);
+/// The VM thread's wake-up eventfd, for the signal handler.
+static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn terminate_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    TERMINATE.store(true, Ordering::SeqCst);
+    let fd = WAKE_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) on an eventfd with a valid 8-byte buffer; async-signal-safe.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+const TOKEN_WAKE: u64 = 0;
+const TOKEN_STDIN: u64 = 1;
+const TOKEN_DEVICES: u64 = 1 << 32;
+
+/// Ctrl-A, then x: leave the VMM from a raw terminal.
+const ESCAPE: u8 = 0x01;
+
+enum Outcome {
+    Exit(ExitStatus),
+    Restart,
+}
+
+/// The VM thread: boots the VM from `config`, serves messages, reboots, and ends with an
+/// [`ExitStatus`].
+pub struct Vmm {
+    config: VmConfig,
+    handle: VmHandle,
+    rx: Receiver<VmMessage>,
+    wake: Arc<EventFd>,
+    serial_out: Option<File>,
+    stdin_open: bool,
+    stdin_is_tty: bool,
+    escape_pending: bool,
+    boots: u32,
+}
+
+impl Vmm {
+    /// Prepare the VM thread (opens the serial output; the VM is built by [`Vmm::run`]).
+    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        let (handle, rx, wake) = channel_pair().map_err(VmError::EventLoop)?;
+        let serial_out = match &config.serial {
+            SerialMode::Stdout => {
+                // SAFETY: dup(2) of stdout; the result is checked and owned by the File.
+                let fd = unsafe { libc::dup(1) };
+                if fd < 0 {
+                    return Err(VmError::EventLoop(io::Error::last_os_error()));
+                }
+                // SAFETY: `fd` is a fresh descriptor nothing else owns.
+                Some(unsafe { File::from_raw_fd(fd) })
+            }
+            SerialMode::File(p) => Some(
+                File::options()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| VmError::SerialFile(p.clone(), e))?,
+            ),
+            SerialMode::Off => None,
+        };
+        // SAFETY: isatty has no preconditions.
+        let stdin_is_tty = unsafe { libc::isatty(0) } == 1;
+        Ok(Self {
+            stdin_open: config.serial == SerialMode::Stdout,
+            config,
+            handle,
+            rx,
+            wake,
+            serial_out,
+            stdin_is_tty,
+            escape_pending: false,
+            boots: 0,
+        })
+    }
+
+    /// A handle for sending requests to this VM thread.
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
+    }
+
+    /// Make SIGTERM, SIGINT and SIGHUP shut the VM down cleanly.
+    pub fn handle_termination_signals(&self) {
+        WAKE_FD.store(self.wake.as_raw_fd(), Ordering::SeqCst);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, terminate_handler) {
+                log::warn!("cannot handle signal {sig}: {e}");
+            }
+        }
+    }
+
+    fn serial_writer(&self) -> Result<Option<Option<Box<dyn Write + Send>>>, VmError> {
+        match &self.serial_out {
+            None => Ok(None),
+            Some(f) => {
+                let f = f.try_clone().map_err(VmError::EventLoop)?;
+                Ok(Some(Some(Box::new(f))))
+            }
+        }
+    }
+
+    /// Run until the guest powers off, a request or signal ends it, or an error.
+    pub fn run(mut self) -> Result<ExitStatus, VmError> {
+        let epoll = Epoll::new().map_err(VmError::EventLoop)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                self.wake.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_WAKE),
+            )
+            .map_err(VmError::EventLoop)?;
+        if self.stdin_open {
+            if let Err(e) = epoll.ctl(
+                ControlOperation::Add,
+                0,
+                EpollEvent::new(EventSet::IN, TOKEN_STDIN),
+            ) {
+                log::debug!("serial input disabled: stdin cannot be polled ({e})");
+                self.stdin_open = false;
+            }
+        }
+        loop {
+            self.boots += 1;
+            let mut vm = Vm::boot(&self.config, &self.handle, self.serial_writer()?)?;
+            let device_fds: Vec<(RawFd, u64)> = vm
+                .devices
+                .as_ref()
+                .map(|d| d.event_fds())
+                .unwrap_or_default();
+            for &(fd, token) in &device_fds {
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, TOKEN_DEVICES + token),
+                    )
+                    .map_err(VmError::EventLoop)?;
+            }
+            let outcome = self.serve(&epoll, &mut vm);
+            for &(fd, _) in &device_fds {
+                let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            }
+            vm.shutdown();
+            drop(vm);
+            match outcome? {
+                Outcome::Exit(status) => return Ok(status),
+                Outcome::Restart => log::info!("guest reset: restarting the VM"),
+            }
+        }
+    }
+
+    fn serve(&mut self, epoll: &Epoll, vm: &mut Vm) -> Result<Outcome, VmError> {
+        let mut events = [EpollEvent::default(); 8];
+        loop {
+            if TERMINATE.load(Ordering::SeqCst) {
+                log::info!("termination signal: shutting down");
+                return Ok(Outcome::Exit(ExitStatus::Shutdown));
+            }
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(VmError::EventLoop(e)),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_WAKE => {
+                        let _ = self.wake.read();
+                        while let Ok(msg) = self.rx.try_recv() {
+                            if let Some(outcome) = self.handle_message(msg, vm)? {
+                                return Ok(outcome);
+                            }
+                        }
+                    }
+                    TOKEN_STDIN => {
+                        if let Some(outcome) = self.read_stdin(epoll, vm) {
+                            return Ok(outcome);
+                        }
+                    }
+                    t => {
+                        if let Some(d) = vm.devices.as_mut() {
+                            d.handle_event(t - TOKEN_DEVICES);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn read_stdin(&mut self, epoll: &Epoll, vm: &Vm) -> Option<Outcome> {
+        let mut buf = [0u8; 256];
+        // SAFETY: reading into a valid buffer of the given length.
+        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            if n == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                let _ = epoll.ctl(ControlOperation::Delete, 0, EpollEvent::default());
+                self.stdin_open = false;
+            }
+            return None;
+        }
+        let input = &buf[..n as usize];
+        if self.stdin_is_tty {
+            let mut out = Vec::with_capacity(input.len());
+            for &b in input {
+                if self.escape_pending {
+                    self.escape_pending = false;
+                    match b {
+                        b'x' | b'X' => {
+                            log::info!("Ctrl-A x: shutting down");
+                            return Some(Outcome::Exit(ExitStatus::Shutdown));
+                        }
+                        ESCAPE => out.push(ESCAPE),
+                        _ => out.extend([ESCAPE, b]),
+                    }
+                } else if b == ESCAPE {
+                    self.escape_pending = true;
+                } else {
+                    out.push(b);
+                }
+            }
+            vm.serial_input(&out);
+        } else {
+            vm.serial_input(input);
+        }
+        None
+    }
+
+    fn reset_outcome(&self, why: &str) -> Outcome {
+        if self.config.no_reboot {
+            log::info!("guest reset ({why}) with --no-reboot: exiting");
+            Outcome::Exit(ExitStatus::Reset)
+        } else {
+            log::info!("guest reset ({why})");
+            Outcome::Restart
+        }
+    }
+
+    fn handle_message(&mut self, msg: VmMessage, vm: &mut Vm) -> Result<Option<Outcome>, VmError> {
+        Ok(match msg {
+            VmMessage::Vcpu(_, VcpuEvent::PowerOff) | VmMessage::Power(PowerEvent::PowerOff) => {
+                log::info!("guest powered off");
+                Some(Outcome::Exit(ExitStatus::PowerOff))
+            }
+            VmMessage::Vcpu(_, VcpuEvent::Reset(why)) => Some(self.reset_outcome(why)),
+            VmMessage::Power(PowerEvent::Reset) => Some(self.reset_outcome("reset request")),
+            VmMessage::Vcpu(id, VcpuEvent::Error(e)) => return Err(VmError::Guest(id, e)),
+            VmMessage::Api(req, reply) => {
+                let (result, outcome) = self.api(req, vm);
+                let _ = reply.send(result);
+                outcome
+            }
+        })
+    }
+
+    fn api(
+        &mut self,
+        req: ApiRequest,
+        vm: &mut Vm,
+    ) -> (Result<ApiResponse, ApiError>, Option<Outcome>) {
+        match req {
+            ApiRequest::Info => {
+                let info = VmInfo {
+                    state: if vm.paused {
+                        VmState::Paused
+                    } else {
+                        VmState::Running
+                    },
+                    cpus: self.config.cpus,
+                    memory: vm.ram.size(),
+                    devices: self.config.devices.len(),
+                    devices_connected: vm.devices.as_ref().is_none_or(|d| d.all_connected()),
+                    boots: self.boots,
+                };
+                (Ok(ApiResponse::Info(info)), None)
+            }
+            ApiRequest::Pause if vm.paused => (Err(ApiError::WrongState("already paused")), None),
+            ApiRequest::Pause => {
+                vm.pause();
+                (Ok(ApiResponse::Done), None)
+            }
+            ApiRequest::Resume if !vm.paused => (Err(ApiError::WrongState("not paused")), None),
+            ApiRequest::Resume => {
+                vm.resume();
+                (Ok(ApiResponse::Done), None)
+            }
+            ApiRequest::Reboot => (Ok(ApiResponse::Done), Some(Outcome::Restart)),
+            ApiRequest::Shutdown => (
+                Ok(ApiResponse::Done),
+                Some(Outcome::Exit(ExitStatus::Shutdown)),
+            ),
+        }
+    }
+}
