@@ -358,9 +358,8 @@ impl Vm {
             handle,
             serial_out,
         )?;
-        if !config.devices.is_empty() {
-            vm.devices = Some(attach_devices(&vm.device_context(), &config.devices)?);
-        }
+        // Even without devices: the PCI root brings the host bridge and config ports.
+        vm.devices = Some(attach_devices(&vm.device_context(), &config.devices)?);
         let entry = boot::load_linux(
             &vm.memory(),
             &vm.ram.ranges,
