@@ -199,7 +199,7 @@ pub fn parse_memory_size(s: &str) -> Result<u64, ConfigError> {
     if bytes > MAX_MEMORY {
         return Err(ConfigError::MemoryRange(s.to_string(), "at most 1 TiB"));
     }
-    if bytes % 4096 != 0 {
+    if !bytes.is_multiple_of(4096) {
         return Err(ConfigError::MemoryRange(
             s.to_string(),
             "must be a multiple of 4 KiB",
@@ -350,7 +350,7 @@ impl VmConfig {
             });
         }
         let memory = parse_memory_size(&cli.memory)?;
-        if cli.hugepages && memory % HUGE_PAGE_SIZE != 0 {
+        if cli.hugepages && !memory.is_multiple_of(HUGE_PAGE_SIZE) {
             return Err(ConfigError::MemoryRange(
                 cli.memory,
                 "must be a multiple of 2 MiB with --hugepages",

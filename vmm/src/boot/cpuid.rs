@@ -27,7 +27,7 @@ fn topology_leaf(function: u32, apic_id: u32, cpus: u32) -> [kvm_cpuid_entry2; 3
     };
     [
         // SMT level: one thread per core.
-        entry(0, 0, 1, (1 << 8) | 0),
+        entry(0, 0, 1, 1 << 8),
         // Core level: all vCPUs are cores of one package.
         entry(1, core_shift, cpus, (2 << 8) | 1),
         // Terminator (level type 0).
