@@ -247,7 +247,8 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     const BOOT_LEGACY_DEVICES: u16 = 1 << 0;
     const BOOT_8042: u16 = 1 << 1;
     let mut t = Sdt::new(b"FACP", 6);
-    t.u32(facs as u32)
+    // The FACS is given once, in X_FIRMWARE_CTRL (both fields set make Linux map it twice).
+    t.u32(0)
         .u32(dsdt as u32)
         .u8(0)
         .u8(0) // preferred PM profile: unspecified

@@ -13,6 +13,8 @@ pub const COMMAND_PORT: u64 = 0x64;
 const STATUS_OBF: u8 = 0x01;
 const STATUS_SYSTEM: u8 = 0x04;
 const STATUS_COMMAND: u8 = 0x08;
+/// Set when the keyboard is not inhibited by the key lock.
+const STATUS_UNLOCKED: u8 = 0x10;
 
 const CMD_READ_CTR: u8 = 0x20;
 const CMD_WRITE_CTR: u8 = 0x60;
@@ -83,7 +85,7 @@ impl BusDevice for I8042 {
         let value = match base + offset {
             DATA_PORT => self.output.take().unwrap_or(0),
             COMMAND_PORT => {
-                let mut s = STATUS_SYSTEM;
+                let mut s = STATUS_SYSTEM | STATUS_UNLOCKED;
                 if self.output.is_some() {
                     s |= STATUS_OBF;
                 }
