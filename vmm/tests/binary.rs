@@ -237,3 +237,64 @@ fn a_non_kernel_file_is_rejected() {
         stderr(&out)
     );
 }
+
+#[test]
+fn terminal_is_raw_while_running_and_restored_after_ctrl_a_x() {
+    if !kvm_available() {
+        return;
+    }
+    use std::os::unix::io::{FromRawFd, OwnedFd};
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_kernel(
+        dir.path(),
+        "spin.elf",
+        &Asm::new().print(b"up").raw(&[0xeb, 0xfe]),
+    );
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the given ints; other arguments may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: both descriptors were just created by openpty and are owned here.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let lflag = |fd: &OwnedFd| {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: zeroed termios is a valid buffer; fd is a valid terminal.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+        t.c_lflag
+    };
+    assert_ne!(lflag(&slave) & libc::ICANON, 0);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["--kernel", kernel.to_str().unwrap(), "--memory", "16M"])
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut term = std::fs::File::from(master);
+    let mut seen = Vec::new();
+    while !seen.ends_with(b"up") {
+        use std::io::Read;
+        let mut b = [0u8; 1];
+        term.read_exact(&mut b).unwrap();
+        seen.push(b[0]);
+    }
+    assert_eq!(
+        lflag(&slave) & libc::ICANON,
+        0,
+        "raw mode while the guest runs"
+    );
+    term.write_all(&[0x01, b'x']).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_ne!(lflag(&slave) & libc::ICANON, 0, "terminal restored");
+}
