@@ -21,6 +21,7 @@ mod args;
 mod capabilities;
 mod error;
 pub mod relay;
+pub mod sandbox;
 mod serve;
 mod socket;
 

@@ -1,0 +1,482 @@
+//! The `VhostUserBackend` of the fs device: the hiprio queue plus N request queues, each
+//! served by its own worker thread; config space; and the transport between descriptor
+//! chains and the FUSE [`Server`]: the request is read from the chain's readable part, the
+//! reply written into its writable part, and READ/WRITE data moves between the file and guest
+//! memory with preadv/pwritev on the mapped guest buffers.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use common::{DeviceBackend, GuestMemoryAtomic, GuestMemoryMmap, Vring};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use crate::fuse::abi::{opcode, InHeader, OutHeader};
+use crate::fuse::{ReplySink, WritePayload};
+use crate::server::{Server, MAX_WRITE};
+
+/// Largest queue size (QEMU's vhost-user-fs-pci accepts up to 1024).
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// Most request queues (queues map to threads through a 64-bit mask; one is hiprio).
+pub const MAX_REQUEST_QUEUES: usize = 63;
+/// Length of the tag in config space.
+pub const TAG_LEN: usize = 36;
+/// Largest non-WRITE request body we copy out of the guest (SETXATTR values are ≤ 64 KiB).
+const MAX_BODY: usize = 128 * 1024;
+const IN_HEADER: usize = std::mem::size_of::<InHeader>();
+
+/// Bad device configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The tag does not fit config space.
+    #[error("--tag must be 1 to {TAG_LEN} bytes, not {0}")]
+    Tag(usize),
+    /// Request queue count out of range.
+    #[error("--num-request-queues must be between 1 and {MAX_REQUEST_QUEUES}, not {0}")]
+    Queues(usize),
+}
+
+/// One descriptor's guest range.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    addr: u64,
+    len: usize,
+}
+
+/// The fs device; clones share one FUSE session.
+#[derive(Clone)]
+pub struct FsBackend(Arc<Inner>);
+
+struct Inner {
+    server: Arc<Server>,
+    tag: [u8; TAG_LEN],
+    request_queues: usize,
+    mem: RwLock<Option<GuestMemoryAtomic>>,
+    event_idx: AtomicBool,
+}
+
+impl FsBackend {
+    /// A device serving `server` under `tag` with `request_queues` request queues.
+    pub fn new(server: Arc<Server>, tag: &str, request_queues: usize) -> Result<Self, ConfigError> {
+        if tag.is_empty() || tag.len() > TAG_LEN {
+            return Err(ConfigError::Tag(tag.len()));
+        }
+        if request_queues == 0 || request_queues > MAX_REQUEST_QUEUES {
+            return Err(ConfigError::Queues(request_queues));
+        }
+        let mut t = [0u8; TAG_LEN];
+        t[..tag.len()].copy_from_slice(tag.as_bytes());
+        Ok(FsBackend(Arc::new(Inner {
+            server,
+            tag: t,
+            request_queues,
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+        })))
+    }
+
+    /// virtio_fs_config: tag[36] then le32 num_request_queues.
+    fn config_space(&self) -> [u8; TAG_LEN + 4] {
+        let mut c = [0u8; TAG_LEN + 4];
+        c[..TAG_LEN].copy_from_slice(&self.0.tag);
+        c[TAG_LEN..].copy_from_slice(&(self.0.request_queues as u32).to_le_bytes());
+        c
+    }
+
+    fn process_queue(&self, queue: usize, vring: &Vring) -> io::Result<()> {
+        let Some(atomic) = self.0.mem.read().ok().and_then(|m| m.clone()) else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        let event_idx = self.0.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            let mut completed = false;
+            loop {
+                let chain = {
+                    let mut state = vring.get_mut();
+                    state.get_queue_mut().pop_descriptor_chain(&*mem)
+                };
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                let used = handle_chain(&self.0.server, &mem, chain, queue);
+                vring.add_used(head, used).map_err(io::Error::other)?;
+                completed = true;
+            }
+            if completed && vring.needs_notification().map_err(io::Error::other)? {
+                vring.signal_used_queue()?;
+            }
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Run one request chain; returns the bytes written to its writable part.
+fn handle_chain<I: Iterator<Item = virtio_queue::desc::split::Descriptor>>(
+    server: &Server,
+    mem: &GuestMemoryMmap,
+    chain: I,
+    queue: usize,
+) -> u32 {
+    let mut readable = Vec::new();
+    let mut writable = Vec::new();
+    for d in chain {
+        let seg = Segment {
+            addr: d.addr().0,
+            len: d.len() as usize,
+        };
+        if d.is_write_only() {
+            writable.push(seg);
+        } else if !writable.is_empty() {
+            log::warn!("queue {queue}: readable descriptor after a writable one");
+            return 0;
+        } else {
+            readable.push(seg);
+        }
+    }
+    let mut out = GuestSink::new(mem, writable);
+    let reader = GuestRegion::new(mem, readable);
+    let mut header = InHeader::default();
+    if reader.read_at(0, header.as_mut_slice()).is_err() {
+        log::warn!("queue {queue}: request without a readable FUSE header");
+        return reply_error(&mut out, 0, libc::EINVAL);
+    }
+    let len = header.len as usize;
+    if len < IN_HEADER || len > reader.len {
+        log::warn!(
+            "queue {queue}: request {} claims {len} bytes, chain has {}",
+            header.unique,
+            reader.len
+        );
+        return reply_error(&mut out, header.unique, libc::EINVAL);
+    }
+    let body_len = if header.opcode == opcode::WRITE {
+        (len - IN_HEADER).min(std::mem::size_of::<crate::fuse::abi::WriteIn>())
+    } else {
+        len - IN_HEADER
+    };
+    if body_len > MAX_BODY {
+        return reply_error(&mut out, header.unique, libc::EINVAL);
+    }
+    let mut body = vec![0u8; body_len];
+    if reader.read_at(IN_HEADER, &mut body).is_err() {
+        return reply_error(&mut out, header.unique, libc::EFAULT);
+    }
+    let payload_start = IN_HEADER + body_len;
+    let mut payload = GuestPayload {
+        region: &reader,
+        start: payload_start,
+        end: len,
+    };
+    server.handle(&header, &body, &mut payload, &mut out) as u32
+}
+
+fn reply_error(out: &mut GuestSink<'_>, unique: u64, errno: i32) -> u32 {
+    let h = OutHeader {
+        len: std::mem::size_of::<OutHeader>() as u32,
+        error: -errno,
+        unique,
+    };
+    if out.capacity() < h.len as usize || out.write_at(0, &[h.as_slice()]).is_err() {
+        return 0;
+    }
+    h.len
+}
+
+/// The readable or writable part of a chain as one byte range.
+struct GuestRegion<'a> {
+    mem: &'a GuestMemoryMmap,
+    segs: Vec<Segment>,
+    len: usize,
+}
+
+impl<'a> GuestRegion<'a> {
+    fn new(mem: &'a GuestMemoryMmap, segs: Vec<Segment>) -> Self {
+        let len = segs.iter().fold(0usize, |acc, s| acc.saturating_add(s.len));
+        GuestRegion { mem, segs, len }
+    }
+
+    /// The guest ranges covering `[offset, offset + len)`.
+    fn ranges(&self, mut offset: usize, mut len: usize) -> io::Result<Vec<(GuestAddress, usize)>> {
+        let mut v = Vec::new();
+        for s in &self.segs {
+            if len == 0 {
+                break;
+            }
+            if offset >= s.len {
+                offset -= s.len;
+                continue;
+            }
+            let n = (s.len - offset).min(len);
+            let addr = s
+                .addr
+                .checked_add(offset as u64)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+            v.push((GuestAddress(addr), n));
+            len -= n;
+            offset = 0;
+        }
+        if len != 0 {
+            return Err(io::Error::from_raw_os_error(libc::ERANGE));
+        }
+        Ok(v)
+    }
+
+    fn read_at(&self, offset: usize, buf: &mut [u8]) -> io::Result<()> {
+        let mut at = 0;
+        for (addr, n) in self.ranges(offset, buf.len())? {
+            self.mem
+                .read_slice(&mut buf[at..at + n], addr)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: usize, buf: &[u8]) -> io::Result<()> {
+        let mut at = 0;
+        for (addr, n) in self.ranges(offset, buf.len())? {
+            self.mem
+                .write_slice(&buf[at..at + n], addr)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Host iovecs for `[offset, offset + len)` plus the slices to mark dirty after a write.
+    /// The pointers stay valid while `self.mem` (a loaded guest memory snapshot) lives.
+    fn iovecs(
+        &self,
+        offset: usize,
+        len: usize,
+    ) -> io::Result<
+        Vec<(
+            libc::iovec,
+            vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, BitmapMmapRegion>>,
+        )>,
+    > {
+        let mut v = Vec::new();
+        for (addr, n) in self.ranges(offset, len)? {
+            for slice in self.mem.get_slices(addr, n) {
+                let slice = slice.map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
+                let iov = libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: slice.len(),
+                };
+                v.push((iov, slice));
+            }
+        }
+        // preadv/pwritev take at most IOV_MAX entries; a longer list is cut (short transfer).
+        v.truncate(1024);
+        Ok(v)
+    }
+}
+
+/// The writable part of a chain, as a FUSE reply sink.
+struct GuestSink<'a> {
+    region: GuestRegion<'a>,
+}
+
+impl<'a> GuestSink<'a> {
+    fn new(mem: &'a GuestMemoryMmap, segs: Vec<Segment>) -> Self {
+        GuestSink {
+            region: GuestRegion::new(mem, segs),
+        }
+    }
+}
+
+impl ReplySink for GuestSink<'_> {
+    fn capacity(&self) -> usize {
+        self.region.len
+    }
+
+    fn write_at(&mut self, offset: usize, parts: &[&[u8]]) -> io::Result<()> {
+        let mut at = offset;
+        for p in parts {
+            self.region.write_at(at, p)?;
+            at += p.len();
+        }
+        Ok(())
+    }
+
+    fn read_file_into(
+        &mut self,
+        offset: usize,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        len: usize,
+    ) -> io::Result<usize> {
+        if len == 0 {
+            return Ok(0);
+        }
+        let iovs = self.region.iovecs(offset, len)?;
+        let raw: Vec<libc::iovec> = iovs.iter().map(|(i, _)| *i).collect();
+        // SAFETY: every iovec points into mapped guest memory that the loaded memory snapshot
+        // keeps mapped for this call; the kernel writes at most iov_len bytes to each.
+        let n = unsafe {
+            libc::preadv64(
+                fd.as_raw_fd(),
+                raw.as_ptr(),
+                raw.len() as i32,
+                file_offset as i64,
+            )
+        };
+        let n = crate::sys::check_len(n)?;
+        // Dirty-page logging for live migration: mark what the kernel wrote.
+        let mut left = n;
+        for (_, slice) in &iovs {
+            if left == 0 {
+                break;
+            }
+            let m = left.min(slice.len());
+            slice.bitmap().mark_dirty(0, m);
+            left -= m;
+        }
+        Ok(n)
+    }
+}
+
+/// The data of a WRITE request, still in guest memory.
+struct GuestPayload<'r, 'a> {
+    region: &'r GuestRegion<'a>,
+    start: usize,
+    end: usize,
+}
+
+impl WritePayload for GuestPayload<'_, '_> {
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn write_to_file(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        len: usize,
+    ) -> io::Result<usize> {
+        let len = len.min(self.len()).min(MAX_WRITE as usize);
+        if len == 0 {
+            return Ok(0);
+        }
+        let iovs = self.region.iovecs(self.start, len)?;
+        let raw: Vec<libc::iovec> = iovs.iter().map(|(i, _)| *i).collect();
+        // SAFETY: every iovec points into mapped guest memory kept mapped by the loaded memory
+        // snapshot; the kernel only reads from them.
+        let n = unsafe {
+            libc::pwritev64(
+                fd.as_raw_fd(),
+                raw.as_ptr(),
+                raw.len() as i32,
+                file_offset as i64,
+            )
+        };
+        crate::sys::check_len(n)
+    }
+}
+
+impl VhostUserBackend for FsBackend {
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        1 + self.0.request_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.0.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = self.config_space();
+        let start = offset as usize;
+        match start.checked_add(size as usize) {
+            Some(end) if end <= space.len() => space[start..end].to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic) -> io::Result<()> {
+        if let Ok(mut m) = self.0.mem.write() {
+            *m = Some(mem);
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread per queue: hiprio on thread 0, request queue i on thread i.
+        (0..self.num_queues()).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        common::new_exit_event()
+    }
+
+    fn handle_event(
+        &self,
+        _device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unexpected events {evset:?}"),
+            ));
+        }
+        // One queue per thread: `vrings` holds only this thread's queue (numbered 0 within it).
+        let vring = vrings.first().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("thread {thread_id} has no queue"),
+            )
+        })?;
+        self.process_queue(thread_id, vring)
+    }
+}
+
+impl DeviceBackend for FsBackend {
+    fn disconnected(&self) {
+        if let Ok(mut m) = self.0.mem.write() {
+            *m = None;
+        }
+        self.0.event_idx.store(false, Ordering::Relaxed);
+        // A new frontend starts a new FUSE session: drop inodes and handles of the old one.
+        self.0.server.reset();
+    }
+}
