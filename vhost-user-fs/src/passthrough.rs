@@ -188,6 +188,8 @@ pub struct PassthroughFs {
     proc_self_fd: OwnedFd,
     root_dev: u64,
     am_root: bool,
+    /// Our effective uid and gid.
+    own_ids: (u32, u32),
 }
 
 /// A name the guest sent, checked to be one path component.
@@ -234,6 +236,8 @@ impl PassthroughFs {
             next_handle: AtomicU64::new(1),
             proc_self_fd,
             am_root,
+            // SAFETY: getegid cannot fail.
+            own_ids: (unsafe { libc::geteuid() }, unsafe { libc::getegid() }),
         })
     }
 
@@ -329,6 +333,17 @@ impl PassthroughFs {
         }
     }
 
+    /// Count one more lookup of an inode already in the table.
+    fn reference_known(&self, st: &libc::stat64) -> Option<EntryOut> {
+        let inodes = self.inodes.read().ok()?;
+        let node = *inodes.by_key.get(&(st.st_dev, st.st_ino))?;
+        let inode = inodes.by_id.get(&node)?;
+        // FORGET removes entries under the write lock, so the inode stays while we hold the
+        // read lock.
+        inode.lookups.fetch_add(1, Ordering::Relaxed);
+        Some(self.entry(node, st))
+    }
+
     /// Register (or re-reference) the inode behind `fd`, counting one lookup.
     fn intern(&self, fd: OwnedFd, st: &libc::stat64) -> FsResult<EntryOut> {
         let key = (st.st_dev, st.st_ino);
@@ -359,6 +374,11 @@ impl PassthroughFs {
     }
 
     fn lookup_cstr(&self, parent: &Inode, name: &CStr) -> FsResult<EntryOut> {
+        // Most lookups find an inode the guest already holds: one fstatat, no descriptor.
+        let st = sys::statat(parent.fd.as_fd(), name).map_err(errno)?;
+        if let Some(entry) = self.reference_known(&st) {
+            return Ok(entry);
+        }
         let fd = sys::openat(parent.fd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)
             .map_err(errno)?;
         let st = sys::fstat(fd.as_fd()).map_err(errno)?;
@@ -553,9 +573,10 @@ impl PassthroughFs {
 
     /// Give a freshly created entry to the caller, then look it up.
     fn finish_create(&self, parent: &Inode, name: &CStr, caller: Caller) -> FsResult<EntryOut> {
-        if self.am_root {
-            let uid = self.cfg.uid_map.to_host(caller.uid);
-            let gid = self.cfg.gid_map.to_host(caller.gid);
+        let uid = self.cfg.uid_map.to_host(caller.uid);
+        let gid = self.cfg.gid_map.to_host(caller.gid);
+        // New entries belong to the caller; nothing to do when that is us.
+        if self.am_root && (uid, gid) != self.own_ids {
             // SAFETY: single component, no follow.
             let r = unsafe {
                 libc::fchownat(
