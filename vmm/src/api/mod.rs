@@ -166,8 +166,8 @@ mod tests {
         assert_eq!(ApiError::NotSupported("x".into()).status(), 501);
         assert_eq!(ApiError::Gone.status(), 503);
         assert_eq!(
-            ApiError::NotSupported("memory hot-plug".into()).to_string(),
-            "not supported yet: memory hot-plug"
+            ApiError::NotSupported("memory unplug".into()).to_string(),
+            "not supported yet: memory unplug"
         );
     }
 }
