@@ -507,7 +507,7 @@ impl VirtioPciDevice {
         let size = u64::from(q.size);
         let mem = self.mem.memory();
         let fits = |addr: u64, align: u64, len: u64| {
-            addr % align == 0
+            addr.is_multiple_of(align)
                 && usize::try_from(len).is_ok_and(|len| {
                     GuestMemoryBackend::check_range(&*mem, GuestAddress(addr), len)
                 })
