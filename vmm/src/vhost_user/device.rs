@@ -200,6 +200,24 @@ fn device_type(kind: &VhostUserDeviceKind) -> u32 {
     }
 }
 
+/// Size of the device's config layout (virtio 1.3, section 5.x "Device configuration layout").
+///
+/// Reads beyond it are answered with zeros without asking the daemon: vhost 0.18's frontend
+/// waits for a full payload even when the backend refuses a GET_CONFIG with a short reply, so a
+/// request a daemon cannot serve would stall the vCPU doing the read.
+fn config_size(kind: &VhostUserDeviceKind) -> u64 {
+    match kind {
+        // Up to and including the secure-erase fields.
+        VhostUserDeviceKind::Block => 60,
+        // mac, status, max_virtqueue_pairs, mtu, speed, duplex, rss fields.
+        VhostUserDeviceKind::Net => 24,
+        // tag[36], num_request_queues, notify_buf_size.
+        VhostUserDeviceKind::Fs => 44,
+        // cols, rows, max_nr_ports, emerg_wr.
+        VhostUserDeviceKind::Console => 12,
+    }
+}
+
 /// Queues a device has when the daemon cannot tell (no MQ protocol feature).
 fn default_queues(kind: &VhostUserDeviceKind) -> u64 {
     match kind {
@@ -870,16 +888,20 @@ impl VirtioBackend for VhostUserDevice {
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         let path = self.socket.clone();
+        let limit = config_size(&self.kind);
         let fetched = match self.conn.as_mut() {
             Some(c) if c.protocol.contains(VhostUserProtocolFeatures::CONFIG) => {
-                let (Ok(off), Ok(len)) = (u32::try_from(offset), u32::try_from(data.len())) else {
-                    return;
-                };
-                let zeros = vec![0u8; data.len()];
-                c.frontend
-                    .get_config(off, len, VhostUserConfigFlags::empty(), &zeros)
-                    .map(|(_, payload)| payload)
-                    .map_err(request_err("GET_CONFIG", &path))
+                let len = (data.len() as u64).min(limit.saturating_sub(offset));
+                match (u32::try_from(offset), u32::try_from(len)) {
+                    (Ok(off), Ok(len)) if len > 0 => {
+                        let zeros = vec![0u8; len as usize];
+                        c.frontend
+                            .get_config(off, len, VhostUserConfigFlags::empty(), &zeros)
+                            .map(|(_, payload)| payload)
+                            .map_err(request_err("GET_CONFIG", &path))
+                    }
+                    _ => Ok(Vec::new()),
+                }
             }
             _ => Ok(Vec::new()),
         };

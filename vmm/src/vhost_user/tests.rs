@@ -361,7 +361,7 @@ fn negotiation_filters_features_and_clamps_queues() {
     let mut nq = [0u8; 2];
     dev.read_config(34, &mut nq);
     assert_eq!(u16::from_le_bytes(nq), 2);
-    // Beyond the daemon's config: zeros, and the connection survives the refusal.
+    // Beyond the device type's config layout: zeros, without a request the daemon cannot serve.
     let mut far = [0xAAu8; 4];
     dev.read_config(0x800, &mut far);
     assert_eq!(far, [0; 4]);
