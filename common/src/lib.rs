@@ -18,6 +18,7 @@
 //! ```
 
 mod args;
+mod backend_channel;
 mod capabilities;
 mod error;
 pub mod relay;
@@ -35,6 +36,7 @@ use vmm_sys_util::event::{
 };
 
 pub use args::DaemonArgs;
+pub use backend_channel::{BackendChannel, ACK_TIMEOUT};
 pub use capabilities::capabilities_json;
 pub use error::{Error, Result};
 pub use serve::serve;
@@ -73,6 +75,12 @@ pub trait DeviceBackend:
     fn attach_workers(&self, _handlers: &[Arc<VringEpollHandler<Self>>]) -> std::io::Result<()> {
         Ok(())
     }
+
+    /// Called when the frontend hands over its backend-request channel
+    /// (`VHOST_USER_SET_BACKEND_REQ_FD`, which needs `VHOST_USER_PROTOCOL_F_BACKEND_REQ` in
+    /// `protocol_features()`), from the relay thread before vhost-user-backend sees the message.
+    /// Keep it to notify the frontend (config-space changes); drop it in `disconnected`.
+    fn backend_channel(&self, _channel: BackendChannel) {}
 
     /// Called after a frontend disconnected and its worker threads have exited, before the
     /// next connection is served: drop per-connection state.

@@ -12,12 +12,18 @@
 //!   is not running and enabling or disabling it has no effect, so the relay answers the
 //!   request itself (with an ack when one was asked for) instead of forwarding it.
 //!
+//! The relay also keeps a duplicate of the socket the frontend hands over with
+//! `VHOST_USER_SET_BACKEND_REQ_FD` and gives it to the device as a [`BackendChannel`]: vhost
+//! 0.18's own `Backend` proxy cannot send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`.
+//!
 //! Only control messages cross the relay: the data path (guest memory, kick and call
-//! eventfds) goes directly between frontend and backend.
+//! eventfds, the backend-request channel) goes directly between frontend and backend.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+
+use crate::BackendChannel;
 
 /// vhost-user message header: request, flags, payload size (all little-endian u32).
 pub const HEADER_SIZE: usize = 12;
@@ -28,11 +34,16 @@ pub const MAX_FDS: usize = 32;
 
 const REQ_SET_FEATURES: u32 = 2;
 const REQ_RESET_OWNER: u32 = 4;
+const REQ_SET_PROTOCOL_FEATURES: u32 = 16;
 const REQ_SET_VRING_ENABLE: u32 = 18;
-const FLAG_VERSION: u32 = 0x1;
-const FLAG_REPLY: u32 = 0x4;
-const FLAG_NEED_REPLY: u32 = 0x8;
+const REQ_SET_BACKEND_REQ_FD: u32 = 21;
+/// Header flags: protocol version 1, a reply, a reply wanted.
+pub(crate) const FLAG_VERSION: u32 = 0x1;
+pub(crate) const FLAG_REPLY: u32 = 0x4;
+pub(crate) const FLAG_NEED_REPLY: u32 = 0x8;
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+const PROTOCOL_F_BACKEND_REQ: u64 = 1 << 5;
 
 /// One vhost-user message and the descriptors that came with it.
 #[derive(Debug)]
@@ -46,6 +57,19 @@ pub struct Message {
 }
 
 impl Message {
+    /// A message with a header built from `request`, `flags` and the payload's size.
+    pub fn new(request: u32, flags: u32, payload: Vec<u8>) -> Self {
+        let mut header = [0u8; HEADER_SIZE];
+        header[0..4].copy_from_slice(&request.to_le_bytes());
+        header[4..8].copy_from_slice(&flags.to_le_bytes());
+        header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        Self {
+            header,
+            payload,
+            fds: Vec::new(),
+        }
+    }
+
     /// The request code.
     pub fn request(&self) -> u32 {
         u32::from_le_bytes([
@@ -66,7 +90,8 @@ impl Message {
         ])
     }
 
-    fn payload_u64(&self) -> Option<u64> {
+    /// The payload's first eight bytes as a little-endian u64 (a feature mask, an ack status).
+    pub fn payload_u64(&self) -> Option<u64> {
         let bytes: [u8; 8] = self.payload.get(..8)?.try_into().ok()?;
         Some(u64::from_le_bytes(bytes))
     }
@@ -233,6 +258,7 @@ fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<us
 #[derive(Debug, Default)]
 pub struct RelayState {
     acked_features: u64,
+    acked_protocol_features: u64,
     /// SET_VRING_ENABLE requests answered by the relay itself.
     pub answered_early_enables: u64,
 }
@@ -248,8 +274,15 @@ impl RelayState {
                 }
                 None
             }
+            REQ_SET_PROTOCOL_FEATURES => {
+                if let Some(f) = msg.payload_u64() {
+                    self.acked_protocol_features = f;
+                }
+                None
+            }
             REQ_RESET_OWNER => {
                 self.acked_features = 0;
+                self.acked_protocol_features = 0;
                 None
             }
             REQ_SET_VRING_ENABLE if self.acked_features & F_PROTOCOL_FEATURES == 0 => {
@@ -258,26 +291,75 @@ impl RelayState {
                 if msg.flags() & FLAG_NEED_REPLY == 0 {
                     return Some(None);
                 }
-                let mut header = [0u8; HEADER_SIZE];
-                header[0..4].copy_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
-                header[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
-                header[8..12].copy_from_slice(&8u32.to_le_bytes());
-                Some(Some(Message {
-                    header,
-                    payload: 0u64.to_le_bytes().to_vec(),
-                    fds: Vec::new(),
-                }))
+                Some(Some(Message::new(
+                    REQ_SET_VRING_ENABLE,
+                    FLAG_VERSION | FLAG_REPLY,
+                    0u64.to_le_bytes().to_vec(),
+                )))
             }
             _ => None,
         }
     }
+
+    /// For a forwarded `VHOST_USER_SET_BACKEND_REQ_FD` with BACKEND_REQ negotiated: the device's
+    /// own handle on the channel (a duplicate of the descriptor; vhost-user-backend keeps the
+    /// original). Anything else, or a descriptor that is not a Unix stream socket: `None`.
+    pub fn backend_channel(&self, msg: &Message) -> Option<BackendChannel> {
+        if msg.request() != REQ_SET_BACKEND_REQ_FD
+            || self.acked_protocol_features & PROTOCOL_F_BACKEND_REQ == 0
+        {
+            return None;
+        }
+        let [fd] = msg.fds.as_slice() else {
+            return None;
+        };
+        if !is_unix_stream(fd) {
+            log::warn!("the backend request channel is not a Unix stream socket; ignored");
+            return None;
+        }
+        let reply_ack = self.acked_protocol_features & PROTOCOL_F_REPLY_ACK != 0;
+        match fd
+            .try_clone()
+            .and_then(|dup| BackendChannel::new(UnixStream::from(dup), reply_ack))
+        {
+            Ok(channel) => Some(channel),
+            Err(e) => {
+                log::warn!("cannot keep the backend request channel: {e}");
+                None
+            }
+        }
+    }
 }
 
-/// Relay messages between `frontend` and `backend` until either side closes or fails.
+fn is_unix_stream(fd: &OwnedFd) -> bool {
+    let get = |option: libc::c_int| {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into the local int.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                &mut value as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(value)
+    };
+    get(libc::SO_DOMAIN) == Some(libc::AF_UNIX) && get(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+}
+
+/// Relay messages between `frontend` and `backend` until either side closes or fails, handing
+/// each backend-request channel the frontend sets up to `on_channel`.
 /// Both sockets are shut down on return, so the other side sees the end too.
-pub fn run(frontend: UnixStream, backend: UnixStream) -> io::Result<()> {
+pub fn run(
+    frontend: UnixStream,
+    backend: UnixStream,
+    mut on_channel: impl FnMut(BackendChannel),
+) -> io::Result<()> {
     let mut state = RelayState::default();
-    let result = relay_loop(&frontend, &backend, &mut state);
+    let result = relay_loop(&frontend, &backend, &mut state, &mut on_channel);
     let _ = frontend.shutdown(std::net::Shutdown::Both);
     let _ = backend.shutdown(std::net::Shutdown::Both);
     result
@@ -287,6 +369,7 @@ fn relay_loop(
     frontend: &UnixStream,
     backend: &UnixStream,
     state: &mut RelayState,
+    on_channel: &mut dyn FnMut(BackendChannel),
 ) -> io::Result<()> {
     let mut pfds = [
         libc::pollfd {
@@ -316,7 +399,12 @@ fn relay_loop(
                 return Ok(());
             };
             match state.intercept(&msg) {
-                None => send_message(backend, &msg)?,
+                None => {
+                    if let Some(channel) = state.backend_channel(&msg) {
+                        on_channel(channel);
+                    }
+                    send_message(backend, &msg)?
+                }
                 Some(Some(reply)) => send_message(frontend, &reply)?,
                 Some(None) => {}
             }
@@ -337,14 +425,9 @@ mod tests {
     use std::io::Seek;
 
     fn message(request: u32, flags: u32, payload: &[u8], fds: Vec<OwnedFd>) -> Message {
-        let mut header = [0u8; HEADER_SIZE];
-        header[0..4].copy_from_slice(&request.to_le_bytes());
-        header[4..8].copy_from_slice(&flags.to_le_bytes());
-        header[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         Message {
-            header,
-            payload: payload.to_vec(),
             fds,
+            ..Message::new(request, flags, payload.to_vec())
         }
     }
 
@@ -363,7 +446,7 @@ mod tests {
     fn relay_pair() -> Pair {
         let (frontend, relay_front) = UnixStream::pair().unwrap();
         let (relay_back, backend) = UnixStream::pair().unwrap();
-        let thread = std::thread::spawn(move || run(relay_front, relay_back));
+        let thread = std::thread::spawn(move || run(relay_front, relay_back, |_| {}));
         Pair {
             frontend,
             backend,
@@ -433,6 +516,53 @@ mod tests {
         drop(p.backend);
         p.thread.join().unwrap().unwrap();
         assert!(recv_message(&p.frontend).unwrap().is_none());
+    }
+
+    #[test]
+    fn backend_request_channel_is_shared_with_the_device() {
+        let (frontend, relay_front) = UnixStream::pair().unwrap();
+        let (relay_back, backend) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread =
+            std::thread::spawn(move || run(relay_front, relay_back, move |c| tx.send(c).unwrap()));
+        let set_fd = |frontend_end: &UnixStream| {
+            let fd: OwnedFd = frontend_end.try_clone().unwrap().into();
+            message(REQ_SET_BACKEND_REQ_FD, FLAG_VERSION, &[], vec![fd])
+        };
+        let protocol = |bits: u64| {
+            message(
+                REQ_SET_PROTOCOL_FEATURES,
+                FLAG_VERSION,
+                &bits.to_le_bytes(),
+                vec![],
+            )
+        };
+        let (ours, theirs) = UnixStream::pair().unwrap();
+
+        // Without BACKEND_REQ negotiated the device gets nothing; the message still passes.
+        send_message(&frontend, &set_fd(&theirs)).unwrap();
+        let got = recv_message(&backend).unwrap().unwrap();
+        assert_eq!((got.request(), got.fds.len()), (REQ_SET_BACKEND_REQ_FD, 1));
+
+        send_message(&frontend, &protocol(PROTOCOL_F_BACKEND_REQ)).unwrap();
+        recv_message(&backend).unwrap().unwrap();
+        send_message(&frontend, &set_fd(&theirs)).unwrap();
+        let got = recv_message(&backend).unwrap().unwrap();
+        assert_eq!((got.request(), got.fds.len()), (REQ_SET_BACKEND_REQ_FD, 1));
+        let channel = rx.recv().unwrap();
+        assert!(rx.try_recv().is_err(), "one channel for one message");
+        channel.config_changed().unwrap();
+        let msg = recv_message(&ours).unwrap().unwrap();
+        assert_eq!((msg.request(), msg.flags()), (2, FLAG_VERSION));
+
+        // A descriptor that is no stream socket is not handed over.
+        let file: OwnedFd = tempfile::tempfile().unwrap().into();
+        let bogus = message(REQ_SET_BACKEND_REQ_FD, FLAG_VERSION, &[], vec![file]);
+        send_message(&frontend, &bogus).unwrap();
+        recv_message(&backend).unwrap().unwrap();
+        drop(frontend);
+        thread.join().unwrap().unwrap();
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]

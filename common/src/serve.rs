@@ -221,10 +221,13 @@ fn serve_connection<B: DeviceBackend>(
 
     let done = EventFd::new(EFD_NONBLOCK).map_err(Error::Relay)?;
     let done_signal = done.try_clone().map_err(Error::Relay)?;
+    let device = backend.clone();
     let relay_thread = std::thread::Builder::new()
         .name(format!("{}-relay", info.name))
         .spawn(move || {
-            let result = relay::run(frontend, relay_backend);
+            let result = relay::run(frontend, relay_backend, |channel| {
+                device.backend_channel(channel)
+            });
             let _ = done_signal.write(1);
             result
         })
