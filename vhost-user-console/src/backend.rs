@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use common::{DeviceBackend, GuestMemoryAtomic, Vring};
+use common::{BackendChannel, DeviceBackend, GuestMemoryAtomic, Vring};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
@@ -176,6 +176,10 @@ struct Device {
     acked_multiport: bool,
     /// (cols, rows) reported in the config space.
     size: (u16, u16),
+    /// The frontend's backend-request channel, when it set one up.
+    channel: Option<BackendChannel>,
+    /// The config space changed since the frontend was last told.
+    config_changed: bool,
     control_out: VecDeque<Vec<u8>>,
     mem: Option<GuestMemoryAtomic>,
     poller: Poller,
@@ -187,6 +191,7 @@ struct Device {
     bad_chains: RateLimited,
     bad_control: RateLimited,
     dropped_control: RateLimited,
+    failed_notices: RateLimited,
 }
 
 struct Inner {
@@ -244,6 +249,8 @@ impl ConsoleBackend {
                 num_queues,
                 acked_multiport: false,
                 size,
+                channel: None,
+                config_changed: false,
                 control_out: VecDeque::new(),
                 mem: None,
                 poller: Poller::default(),
@@ -253,6 +260,7 @@ impl ConsoleBackend {
                 bad_chains: RateLimited::default(),
                 bad_control: RateLimited::default(),
                 dropped_control: RateLimited::default(),
+                failed_notices: RateLimited::default(),
             }),
         })))
     }
@@ -265,6 +273,17 @@ impl ConsoleBackend {
     fn device(&self) -> MutexGuard<'_, Device> {
         // A panic elsewhere must not take the console down with it.
         self.0.device.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tell the frontend the config space changed. Called without the device lock: the
+    /// frontend may read the config space (GET_CONFIG, served under that lock) before it
+    /// acknowledges.
+    fn notify_config_change(&self, channel: &BackendChannel) {
+        if let Err(e) = channel.config_changed() {
+            if let Some(n) = self.device().failed_notices.hit() {
+                log::warn!("cannot notify the frontend of the new console size: {e} ({n} so far)");
+            }
+        }
     }
 
     fn num_queues_for(&self) -> usize {
@@ -654,8 +673,16 @@ impl Device {
             self.queue_control(control::resize(0, cols, rows));
             self.fill_control(vrings);
         }
-        // Single-port guests re-read the config space on a config-change notification, which
-        // needs the frontend's backend-request channel (see the crate documentation).
+        // Single-port guests re-read the config space on a config-change interrupt, which the
+        // frontend raises when told through its backend-request channel.
+        self.config_changed = self.channel.is_some();
+    }
+
+    /// The channel to notify of a config change made since the last call, if any.
+    fn take_config_notice(&mut self) -> Option<BackendChannel> {
+        std::mem::take(&mut self.config_changed)
+            .then(|| self.channel.clone())
+            .flatten()
     }
 
     /// An endpoint descriptor of port `p` is ready.
@@ -745,6 +772,7 @@ impl VhostUserBackend for ConsoleBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -801,8 +829,14 @@ impl VhostUserBackend for ConsoleBackend {
         _thread_id: usize,
     ) -> io::Result<()> {
         // Errors are handled inside: returning one would stop the worker thread.
-        self.device()
-            .handle(usize::from(device_event), evset, vrings);
+        let notice = {
+            let mut dev = self.device();
+            dev.handle(usize::from(device_event), evset, vrings);
+            dev.take_config_notice()
+        };
+        if let Some(channel) = notice {
+            self.notify_config_change(&channel);
+        }
         Ok(())
     }
 }
@@ -821,8 +855,14 @@ impl DeviceBackend for ConsoleBackend {
         Ok(())
     }
 
+    fn backend_channel(&self, channel: BackendChannel) {
+        self.device().channel = Some(channel);
+    }
+
     fn disconnected(&self) {
         let mut dev = self.device();
+        dev.channel = None;
+        dev.config_changed = false;
         // Dropping the handler ends the cycle backend -> handler -> backend and its epoll fd.
         dev.poller = Poller::default();
         dev.mem = None;

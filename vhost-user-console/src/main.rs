@@ -19,8 +19,9 @@
 //!   the guest finds them as `/dev/virtio-ports/NAME`.
 //! * Console size (VIRTIO_CONSOLE_F_SIZE): from the pty (users' terminals set it; followed
 //!   every second) or `--size COLSxROWS`. Socket and TCP clients have no resize channel. A
-//!   multiport guest gets resizes as control messages; a single-port guest reads the new size
-//!   from the config space when it next looks.
+//!   multiport guest gets resizes as control messages; a single-port guest gets a config-change
+//!   interrupt when the frontend set up its backend-request channel (BACKEND_REQ), and otherwise
+//!   reads the new size from the config space when it next looks.
 //! * Endpoints and their clients belong to the process: a frontend that reconnects finds the
 //!   same pty, sockets, clients and history.
 

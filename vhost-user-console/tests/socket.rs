@@ -248,22 +248,8 @@ fn pty_resize_reaches_a_multiport_guest() {
     let first = control_messages(&mut fe, &mut posted, 2);
     assert_eq!(first, vec![control(0, 4, 1), control(0, 6, 1)]);
 
-    let pty = pty_of(s.daemon.child.id());
-    let user = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&pty)
-        .unwrap();
-    let ws = libc::winsize {
-        ws_row: 50,
-        ws_col: 160,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&user);
-    // SAFETY: TIOCSWINSZ reads one winsize from the local struct.
-    let rc = unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
-    assert_eq!(rc, 0);
+    let user = open_pty(&s);
+    set_window_size(&user, 160, 50);
     let mut resize = control(0, 5, 0); // cols, rows
     resize.extend_from_slice(&160u16.to_le_bytes());
     resize.extend_from_slice(&50u16.to_le_bytes());
@@ -274,6 +260,77 @@ fn pty_resize_reaches_a_multiport_guest() {
     fe.send(1, b"hello pty\n");
     let mut u = user.try_clone().unwrap();
     assert_eq!(read_n(&mut u, 10), b"hello pty\n");
+}
+
+#[test]
+fn pty_resize_notifies_a_single_port_guest_through_the_backend_channel() {
+    let s = start(&["--backend", "pty"]);
+    let mut fe = Session::connect(&s.socket(), F_SIZE, 2);
+    assert_ne!(fe.features & F_SIZE, 0, "size offered for a pty");
+    let mut requests = fe.backend_requests();
+    let user = open_pty(&s);
+
+    set_window_size(&user, 160, 50);
+    requests.wait_config_changes(1);
+    assert_eq!(&fe.config(0, 4), &[160, 0, 50, 0]);
+    set_window_size(&user, 80, 24);
+    requests.wait_config_changes(2);
+    assert_eq!(&fe.config(0, 4), &[80, 0, 24, 0]);
+    // One notification per change: a further tick of the unchanged pty sends none.
+    requests.serve_for(Duration::from_millis(1500));
+    assert_eq!(requests.config_changes(), 2);
+
+    fe.send(1, b"hello pty\n");
+    let mut u = user.try_clone().unwrap();
+    assert_eq!(read_n(&mut u, 10), b"hello pty\n");
+}
+
+#[test]
+fn a_frontend_that_never_answers_its_backend_channel_cannot_stall_the_console() {
+    let s = start(&["--backend", "pty"]);
+    let mut fe = Session::connect(&s.socket(), F_SIZE, 2);
+    // Set up, never served: the daemon's request waits for an ack that never comes.
+    let _silent = fe.backend_requests();
+    let user = open_pty(&s);
+    set_window_size(&user, 100, 40);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fe.config(0, 4) != [100, 0, 40, 0] {
+        assert!(Instant::now() < deadline, "size never updated");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The guest's output still flows (Session::send gives the daemon 20 s).
+    fe.send(1, b"still here\n");
+    let mut u = user.try_clone().unwrap();
+    assert_eq!(read_n(&mut u, 11), b"still here\n");
+    // And a later resize still updates the config space.
+    set_window_size(&user, 90, 30);
+    while fe.config(0, 4) != [90, 0, 30, 0] {
+        assert!(Instant::now() < deadline, "size never updated");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The user's side of the daemon's pty, opened read-write.
+fn open_pty(s: &Setup) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(pty_of(s.daemon.child.id()))
+        .unwrap()
+}
+
+/// Resize the pty as a user's terminal does.
+fn set_window_size(user: &std::fs::File, cols: u16, rows: u16) {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(user);
+    // SAFETY: TIOCSWINSZ reads one winsize from the local struct.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
+    assert_eq!(rc, 0);
 }
 
 /// The pty a daemon process holds open (its only /dev/pts descriptor).

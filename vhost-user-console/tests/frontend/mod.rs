@@ -8,11 +8,14 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -378,7 +381,8 @@ impl Session {
             proto
                 & (VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::REPLY_ACK),
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::BACKEND_REQ),
         )
         .unwrap();
         fe.set_mem_table(&[guest.region()]).unwrap();
@@ -415,6 +419,18 @@ impl Session {
             queues,
             features,
         }
+    }
+
+    /// Set up the backend-request channel (VHOST_USER_SET_BACKEND_REQ_FD), acknowledging the
+    /// daemon's requests as QEMU does when REPLY_ACK is negotiated.
+    pub fn backend_requests(&mut self) -> BackendRequests {
+        let changes = Arc::new(ConfigChanges::default());
+        let mut handler = FrontendReqHandler::new(changes.clone()).unwrap();
+        handler.set_reply_ack_flag(true);
+        self.fe
+            .set_backend_request_fd(&handler.get_tx_raw_fd())
+            .unwrap();
+        BackendRequests { handler, changes }
     }
 
     /// The device config space bytes `offset..offset+len`.
@@ -479,5 +495,64 @@ impl Session {
             }
         }
         got
+    }
+}
+
+/// Counts `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` requests.
+#[derive(Default)]
+pub struct ConfigChanges(AtomicUsize);
+
+impl VhostUserFrontendReqHandler for ConfigChanges {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(0)
+    }
+}
+
+/// The frontend's end of the backend-request channel; requests are served only while a test
+/// waits for them.
+pub struct BackendRequests {
+    handler: FrontendReqHandler<ConfigChanges>,
+    changes: Arc<ConfigChanges>,
+}
+
+impl BackendRequests {
+    /// Config-change notifications received so far.
+    pub fn config_changes(&self) -> usize {
+        self.changes.0.load(Ordering::SeqCst)
+    }
+
+    /// Serve the daemon's requests until `n` config changes arrived in all (20 s at most).
+    pub fn wait_config_changes(&mut self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.config_changes() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} config-change notifications",
+                self.config_changes()
+            );
+            self.serve_one(Duration::from_millis(100));
+        }
+    }
+
+    /// Serve the daemon's requests for `period`.
+    pub fn serve_for(&mut self, period: Duration) {
+        let end = Instant::now() + period;
+        while Instant::now() < end {
+            self.serve_one(end.saturating_duration_since(Instant::now()));
+        }
+    }
+
+    /// Serve one request if one arrives within `timeout`.
+    fn serve_one(&mut self, timeout: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.handler.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) } > 0 {
+            self.handler.handle_request().expect("backend request");
+        }
     }
 }
