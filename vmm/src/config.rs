@@ -9,6 +9,7 @@ use clap::Parser;
 
 /// Kind of vhost-user device.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum VhostUserDeviceKind {
     /// virtio-blk.
     Block,
@@ -21,28 +22,44 @@ pub enum VhostUserDeviceKind {
 }
 
 /// One vhost-user device (a daemon reached by socket path).
+///
+/// In `vm.create` JSON the same keys as on the command line; unknown keys are refused.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VhostUserDeviceConfig {
     /// What the daemon serves.
     pub kind: VhostUserDeviceKind,
     /// The daemon's unix socket.
     pub socket: PathBuf,
     /// VMM listens on `socket` and the daemon connects (daemon --client); default: VMM connects.
+    #[serde(default)]
     pub server: bool,
     /// None: device default / what the backend offers (MQ).
+    #[serde(default)]
     pub num_queues: Option<usize>,
     /// Ring size of each queue (default 256).
+    #[serde(default = "default_queue_size")]
     pub queue_size: u16,
     /// fs only (mandatory there).
+    #[serde(default)]
     pub tag: Option<String>,
     /// net only, optional.
+    #[serde(default)]
     pub mac: Option<String>,
 }
 
+fn default_queue_size() -> u16 {
+    256
+}
+
 /// Where the guest's serial port (COM1) goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// In JSON: `"stdout"`, `"off"` or `{"file": PATH}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SerialMode {
     /// Output to stdout; input from stdin (raw mode when it is a terminal).
+    #[default]
     Stdout,
     /// Output appended to a file; no input.
     File(PathBuf),
@@ -50,27 +67,107 @@ pub enum SerialMode {
     Off,
 }
 
-/// A validated VM configuration.
-#[derive(Clone, Debug, PartialEq)]
+/// A VM configuration: from the command line ([`VmConfig::from_cli`]) or from `vm.create`
+/// JSON (serde, then [`VmConfig::validate`] on the VM thread).
+///
+/// JSON keys are the field names; only `kernel` is required; unknown keys are refused;
+/// `memory` and `max_memory` take bytes or a size string (`"512M"`) and are written as bytes.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// bzImage or ELF vmlinux.
     pub kernel: PathBuf,
     /// Optional initramfs.
+    #[serde(default)]
     pub initramfs: Option<PathBuf>,
     /// Kernel command line.
+    #[serde(default = "default_cmdline")]
     pub cmdline: String,
-    /// Number of vCPUs.
+    /// Number of vCPUs at boot.
+    #[serde(default = "default_cpus")]
     pub cpus: u8,
+    /// Largest vCPU count `vm.resize` may reach (None: `cpus`, no hot-plug).
+    #[serde(default)]
+    pub max_cpus: Option<u8>,
     /// Guest RAM in bytes.
+    #[serde(default = "default_memory", deserialize_with = "de_memory")]
     pub memory: u64,
+    /// Largest RAM `vm.resize` may reach, in bytes (None: `memory`, no hot-plug).
+    #[serde(default, deserialize_with = "de_opt_memory")]
+    pub max_memory: Option<u64>,
     /// Back guest RAM with huge pages (memfd MFD_HUGETLB).
+    #[serde(default)]
     pub hugepages: bool,
     /// Serial console destination.
+    #[serde(default)]
     pub serial: SerialMode,
     /// vhost-user devices, in PCI slot order.
+    #[serde(default)]
     pub devices: Vec<VhostUserDeviceConfig>,
     /// A guest reboot ends the VMM (exit status 2) instead of restarting the VM.
+    #[serde(default)]
     pub no_reboot: bool,
+}
+
+fn default_cmdline() -> String {
+    "console=ttyS0".to_string()
+}
+
+fn default_cpus() -> u8 {
+    1
+}
+
+fn default_memory() -> u64 {
+    512 << 20
+}
+
+/// A memory size in JSON: bytes, or a string [`parse_memory_size`] accepts.
+struct MemorySize;
+
+impl serde::de::Visitor<'_> for MemorySize {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a size in bytes or a string such as \"512M\"")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+        check_memory_range(&v.to_string(), v).map_err(E::custom)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+        u64::try_from(v)
+            .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            .and_then(|v| self.visit_u64(v))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<u64, E> {
+        parse_memory_size(v).map_err(E::custom)
+    }
+}
+
+fn de_memory<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    d.deserialize_any(MemorySize)
+}
+
+fn de_opt_memory<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct Opt;
+    impl<'de> serde::de::Visitor<'de> for Opt {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            MemorySize.expecting(f)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            de_memory(d).map(Some)
+        }
+    }
+    d.deserialize_option(Opt)
 }
 
 /// Configuration errors (all from the command line).
@@ -109,6 +206,25 @@ pub enum ConfigError {
     /// `--serial` has an unknown value.
     #[error("--serial '{0}': expected stdout, file=PATH or off")]
     Serial(String),
+    /// `--max-cpus` is below `--cpus` or out of range.
+    #[error("--max-cpus {max} must be between --cpus ({cpus}) and {limit}", limit = MAX_CPUS)]
+    MaxCpus {
+        /// Boot vCPUs.
+        cpus: u8,
+        /// What was asked for.
+        max: u32,
+    },
+    /// `--max-memory` is not `memory` plus a multiple of the hot-plug granule.
+    #[error("--max-memory {max} must be at least --memory ({memory}) plus a multiple of {granule} MiB", granule = HOTPLUG_GRANULE >> 20)]
+    MaxMemory {
+        /// Boot RAM in bytes.
+        memory: u64,
+        /// What was asked for, in bytes.
+        max: u64,
+    },
+    /// Neither `--kernel` nor `--api-socket` was given.
+    #[error("--kernel is required (or start empty with --api-socket PATH)")]
+    NoKernel,
     /// The command line is too long for the zero page.
     #[error("kernel command line is {0} bytes, at most {max} fit", max = crate::layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
@@ -120,6 +236,8 @@ pub const MAX_CPUS: u32 = 254;
 const MIN_MEMORY: u64 = 2 << 20;
 /// Largest guest RAM accepted (the top of the identity map is not the limit; this is sanity).
 const MAX_MEMORY: u64 = 1 << 40;
+/// RAM hot-plug works in multiples of this (Linux's x86_64 memory block size).
+pub const HOTPLUG_GRANULE: u64 = 128 << 20;
 /// Huge page size used with `--hugepages` (the kernel's default MFD_HUGETLB size on x86_64).
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
@@ -131,9 +249,13 @@ pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
     about = "A lean KVM VMM with vhost-user devices"
 )]
 pub struct Cli {
-    /// Kernel: bzImage or ELF vmlinux (64-bit boot protocol).
+    /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket; without --kernel the vmm
+    /// starts empty and waits for vm.create and vm.boot. `vmm remote --help` is the client.
     #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    pub api_socket: Option<PathBuf>,
+    /// Kernel: bzImage or ELF vmlinux (64-bit boot protocol).
+    #[arg(long, value_name = "PATH", required_unless_present = "api_socket")]
+    pub kernel: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed).
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
@@ -143,9 +265,15 @@ pub struct Cli {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
+    /// Largest vCPU count vm.resize may hot-plug to (default: --cpus).
+    #[arg(long, value_name = "N")]
+    pub max_cpus: Option<u32>,
     /// Guest RAM: a number with K/M/G/T suffix (a bare number is MiB).
     #[arg(long, default_value = "512M")]
     pub memory: String,
+    /// Largest RAM vm.resize may hot-plug to: --memory plus a multiple of 128 MiB.
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
     /// Back guest RAM with 2 MiB huge pages (they must be reserved in the host).
     #[arg(long)]
     pub hugepages: bool,
@@ -193,6 +321,11 @@ pub fn parse_memory_size(s: &str) -> Result<u64, ConfigError> {
     let bytes = n
         .checked_mul(1 << shift)
         .ok_or(ConfigError::MemoryRange(s.to_string(), "too large"))?;
+    check_memory_range(s, bytes)
+}
+
+/// `bytes` (written `s` by the user) if it is a usable RAM size.
+fn check_memory_range(s: &str, bytes: u64) -> Result<u64, ConfigError> {
     if bytes < MIN_MEMORY {
         return Err(ConfigError::MemoryRange(s.to_string(), "at least 2 MiB"));
     }
@@ -229,81 +362,53 @@ fn option_name(kind: &VhostUserDeviceKind) -> &'static str {
 }
 
 impl VhostUserDeviceConfig {
-    /// Parse `key=value[,key=value]...` for a device of `kind`.
+    /// Parse `key=value[,key=value]...` for a device of `kind`, then [`Self::validate`] it.
     pub fn parse(kind: VhostUserDeviceKind, s: &str) -> Result<Self, ConfigError> {
+        let option = option_name(&kind);
         let err = |reason: String| ConfigError::Device {
-            option: option_name(&kind),
+            option,
             value: s.to_string(),
             reason,
         };
         let mut socket = None;
         let mut server = false;
         let mut num_queues = None;
-        let mut queue_size = 256u16;
+        let mut queue_size = default_queue_size();
         let mut tag = None;
         let mut mac = None;
         for item in s.split(',').filter(|i| !i.is_empty()) {
             let (key, value) = item
                 .split_once('=')
                 .ok_or_else(|| err(format!("'{item}' is not key=value")))?;
-            match (key, &kind) {
-                ("socket", _) if !value.is_empty() => socket = Some(PathBuf::from(value)),
-                ("server", _) => {
+            match key {
+                "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+                "server" => {
                     server = match value {
                         "on" | "true" | "1" => true,
                         "off" | "false" | "0" => false,
                         _ => return Err(err(format!("server={value}: expected on or off"))),
                     }
                 }
-                ("num_queues", k) if *k != VhostUserDeviceKind::Console => {
-                    let n: usize = value
+                "num_queues" => {
+                    let n = value
                         .parse()
-                        .ok()
-                        .filter(|n| (1..=64).contains(n))
-                        .ok_or_else(|| err(format!("num_queues={value}: expected 1..64")))?;
+                        .map_err(|_| err(format!("num_queues={value}: expected 1..64")))?;
                     num_queues = Some(n);
                 }
-                ("queue_size", _) => {
-                    queue_size = value
-                        .parse()
-                        .ok()
-                        .filter(|n: &u16| n.is_power_of_two() && (2..=32768).contains(n))
-                        .ok_or_else(|| {
-                            err(format!(
-                                "queue_size={value}: expected a power of two, 2..32768"
-                            ))
-                        })?;
+                "queue_size" => {
+                    queue_size = value.parse().map_err(|_| {
+                        err(format!(
+                            "queue_size={value}: expected a power of two, 2..32768"
+                        ))
+                    })?;
                 }
-                ("tag", VhostUserDeviceKind::Fs) => {
-                    if value.is_empty() || value.len() > 36 {
-                        return Err(err("tag must be 1..36 bytes".to_string()));
-                    }
-                    tag = Some(value.to_string());
-                }
-                ("mac", VhostUserDeviceKind::Net) => {
-                    let ok = value.split(':').count() == 6
-                        && value
-                            .split(':')
-                            .all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok());
-                    if !ok {
-                        return Err(err(format!("mac={value}: expected xx:xx:xx:xx:xx:xx")));
-                    }
-                    mac = Some(value.to_string());
-                }
+                "tag" => tag = Some(value.to_string()),
+                "mac" => mac = Some(value.to_string()),
                 _ => return Err(err(format!("unknown or misplaced option '{key}'"))),
             }
         }
         let socket = socket.ok_or_else(|| err("socket=PATH is required".to_string()))?;
-        if kind == VhostUserDeviceKind::Fs && tag.is_none() {
-            return Err(err("tag=TAG is required".to_string()));
-        }
-        if !server && !socket.exists() {
-            return Err(err(format!(
-                "socket {} does not exist (is the daemon running?)",
-                socket.display()
-            )));
-        }
-        Ok(Self {
+        let device = Self {
             kind,
             socket,
             server,
@@ -311,7 +416,65 @@ impl VhostUserDeviceConfig {
             queue_size,
             tag,
             mac,
+        };
+        device.check().map_err(err)?;
+        Ok(device)
+    }
+
+    /// Check the settings (the same rules for the command line and `vm.create`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check().map_err(|reason| ConfigError::Device {
+            option: option_name(&self.kind),
+            value: format!("socket={}", self.socket.display()),
+            reason,
         })
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let kind = &self.kind;
+        if let Some(n) = self.num_queues {
+            if *kind == VhostUserDeviceKind::Console {
+                return Err("unknown or misplaced option 'num_queues'".to_string());
+            }
+            if !(1..=64).contains(&n) {
+                return Err(format!("num_queues={n}: expected 1..64"));
+            }
+        }
+        let q = self.queue_size;
+        if !q.is_power_of_two() || !(2..=32768).contains(&q) {
+            return Err(format!("queue_size={q}: expected a power of two, 2..32768"));
+        }
+        match (&self.tag, kind) {
+            (Some(tag), VhostUserDeviceKind::Fs) if tag.is_empty() || tag.len() > 36 => {
+                return Err("tag must be 1..36 bytes".to_string())
+            }
+            (Some(_), VhostUserDeviceKind::Fs) => {}
+            (Some(_), _) => return Err("unknown or misplaced option 'tag'".to_string()),
+            (None, VhostUserDeviceKind::Fs) => return Err("tag=TAG is required".to_string()),
+            (None, _) => {}
+        }
+        if let Some(mac) = &self.mac {
+            if *kind != VhostUserDeviceKind::Net {
+                return Err("unknown or misplaced option 'mac'".to_string());
+            }
+            let ok = mac.split(':').count() == 6
+                && mac
+                    .split(':')
+                    .all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok());
+            if !ok {
+                return Err(format!("mac={mac}: expected xx:xx:xx:xx:xx:xx"));
+            }
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err("socket=PATH is required".to_string());
+        }
+        if !self.server && !self.socket.exists() {
+            return Err(format!(
+                "socket {} does not exist (is the daemon running?)",
+                self.socket.display()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -331,9 +494,11 @@ impl VmConfig {
         Self {
             kernel,
             initramfs: None,
-            cmdline: "console=ttyS0".to_string(),
-            cpus: 1,
-            memory: 512 << 20,
+            cmdline: default_cmdline(),
+            cpus: default_cpus(),
+            max_cpus: None,
+            memory: default_memory(),
+            max_memory: None,
             hugepages: false,
             serial: SerialMode::Stdout,
             devices: Vec::new(),
@@ -341,14 +506,82 @@ impl VmConfig {
         }
     }
 
-    /// Validate the parsed command line.
+    /// Largest vCPU count (`max_cpus`, or `cpus` without hot-plug).
+    pub fn max_vcpus(&self) -> u8 {
+        self.max_cpus.unwrap_or(self.cpus).max(self.cpus)
+    }
+
+    /// Largest RAM size (`max_memory`, or `memory` without hot-plug).
+    pub fn max_ram(&self) -> u64 {
+        self.max_memory.unwrap_or(self.memory).max(self.memory)
+    }
+
+    /// Check everything a user can get wrong: sizes, files, devices.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cpus == 0 || u32::from(self.cpus) > MAX_CPUS {
+            return Err(ConfigError::Cpus {
+                got: self.cpus.into(),
+                max: MAX_CPUS,
+            });
+        }
+        if let Some(max) = self.max_cpus {
+            if max < self.cpus || u32::from(max) > MAX_CPUS {
+                return Err(ConfigError::MaxCpus {
+                    cpus: self.cpus,
+                    max: max.into(),
+                });
+            }
+        }
+        let shown = |b: u64| format!("{} MiB", b >> 20);
+        check_memory_range(&shown(self.memory), self.memory)?;
+        if self.hugepages && !self.memory.is_multiple_of(HUGE_PAGE_SIZE) {
+            return Err(ConfigError::MemoryRange(
+                shown(self.memory),
+                "must be a multiple of 2 MiB with --hugepages",
+            ));
+        }
+        if let Some(max) = self.max_memory {
+            if max < self.memory
+                || !(max - self.memory).is_multiple_of(HOTPLUG_GRANULE)
+                || max > MAX_MEMORY
+            {
+                return Err(ConfigError::MaxMemory {
+                    memory: self.memory,
+                    max,
+                });
+            }
+        }
+        check_readable(&self.kernel).map_err(|e| ConfigError::Kernel(self.kernel.clone(), e))?;
+        if let Some(initramfs) = &self.initramfs {
+            check_readable(initramfs).map_err(|e| ConfigError::Initramfs(initramfs.clone(), e))?;
+        }
+        if self.cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
+            return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
+        }
+        for d in &self.devices {
+            d.validate()?;
+        }
+        Ok(())
+    }
+
+    /// Build and validate the configuration the command line describes (`--kernel` given).
     pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
+        let kernel = cli.kernel.clone().ok_or(ConfigError::NoKernel)?;
         if cli.cpus == 0 || cli.cpus > MAX_CPUS {
             return Err(ConfigError::Cpus {
                 got: cli.cpus,
                 max: MAX_CPUS,
             });
         }
+        let max_cpus = match cli.max_cpus {
+            Some(max) if max < cli.cpus || max > MAX_CPUS => {
+                return Err(ConfigError::MaxCpus {
+                    cpus: cli.cpus as u8,
+                    max,
+                })
+            }
+            max => max.map(|m| m as u8),
+        };
         let memory = parse_memory_size(&cli.memory)?;
         if cli.hugepages && !memory.is_multiple_of(HUGE_PAGE_SIZE) {
             return Err(ConfigError::MemoryRange(
@@ -356,13 +589,11 @@ impl VmConfig {
                 "must be a multiple of 2 MiB with --hugepages",
             ));
         }
-        check_readable(&cli.kernel).map_err(|e| ConfigError::Kernel(cli.kernel.clone(), e))?;
-        if let Some(initramfs) = &cli.initramfs {
-            check_readable(initramfs).map_err(|e| ConfigError::Initramfs(initramfs.clone(), e))?;
-        }
-        if cli.cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
-            return Err(ConfigError::CmdlineTooLong(cli.cmdline.len()));
-        }
+        let max_memory = cli
+            .max_memory
+            .as_deref()
+            .map(parse_memory_size)
+            .transpose()?;
         let mut devices = Vec::new();
         for (kind, list) in [
             (VhostUserDeviceKind::Block, &cli.disk),
@@ -374,17 +605,21 @@ impl VmConfig {
                 devices.push(VhostUserDeviceConfig::parse(kind.clone(), s)?);
             }
         }
-        Ok(Self {
-            kernel: cli.kernel,
+        let config = Self {
+            kernel,
             initramfs: cli.initramfs,
             cmdline: cli.cmdline,
             cpus: cli.cpus as u8,
+            max_cpus,
             memory,
+            max_memory,
             hugepages: cli.hugepages,
             serial: parse_serial(&cli.serial)?,
             devices,
             no_reboot: cli.no_reboot,
-        })
+        };
+        config.validate()?;
+        Ok(config)
     }
 }
 

@@ -1,12 +1,14 @@
-//! `vmm` binary: parse the command line, run the VM thread, exit with the guest's outcome.
+//! `vmm` binary: parse the command line, run the VM thread (and the API server with
+//! `--api-socket`), exit with the guest's outcome. `vmm remote ...` is the API client.
 //!
-//! Exit status: 0 when the guest powered off (or on SIGTERM/SIGINT/Ctrl-A x), 2 when the
-//! guest rebooted under `--no-reboot`, 1 on configuration or VM errors.
+//! Exit status: 0 when the guest powered off (or on SIGTERM/SIGINT/Ctrl-A x/`vmm.shutdown`),
+//! 2 when the guest rebooted under `--no-reboot`, 1 on configuration or VM errors.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use vmm::api::server::start as start_api;
 use vmm::config::{Cli, SerialMode, VmConfig};
 use vmm::vm::{Vmm, PROCESS_START};
 
@@ -46,12 +48,23 @@ impl Drop for RawTerminal {
 }
 
 fn main() -> ExitCode {
+    let mut args = std::env::args();
+    if std::env::args().nth(1).as_deref() == Some("remote") {
+        return vmm::api::client::main(args.by_ref().skip(2));
+    }
     let _ = PROCESS_START.set(Instant::now());
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
-    let config = match VmConfig::from_cli(cli) {
+    let api_socket = cli.api_socket.clone();
+    // Without --kernel (allowed only with --api-socket) the vmm starts empty.
+    let config = match cli
+        .kernel
+        .is_some()
+        .then(|| VmConfig::from_cli(cli))
+        .transpose()
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmm: {e}");
@@ -66,13 +79,22 @@ fn main() -> ExitCode {
         }
     };
     vmm.handle_termination_signals();
-    let terminal = if config.serial == SerialMode::Stdout {
+    let server = match api_socket.map(|p| start_api(&p, vmm.handle())).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let terminal = if config.is_some_and(|c| c.serial == SerialMode::Stdout) {
         RawTerminal::enable()
     } else {
         None
     };
     let result = vmm.run();
     drop(terminal);
+    // Answers the request in progress (vmm.shutdown) before the socket goes.
+    drop(server);
     match result {
         Ok(status) => ExitCode::from(status.code() as u8),
         Err(e) => {

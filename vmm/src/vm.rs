@@ -7,6 +7,7 @@
 //! the sending half of the channel plus an eventfd that wakes the VM thread's epoll loop,
 //! which also watches the device manager's fds and stdin for the serial console.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
@@ -15,12 +16,14 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_clock_data, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::api::state::{self as api_state, VmAction};
+use crate::api::{ApiError, ApiRequest, ApiResponse, VmInfo, VmResize, VmState, VmmPingResponse};
 use crate::boot::{self, regs, BootEntry, BootError};
 use crate::bus::{Bus, BusDevice};
 use crate::config::{SerialMode, VmConfig};
@@ -106,67 +109,6 @@ impl ExitStatus {
     }
 }
 
-/// Requests to the VM thread.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ApiRequest {
-    /// State and sizes.
-    Info,
-    /// Stop all vCPUs (they leave KVM_RUN and wait).
-    Pause,
-    /// Let paused vCPUs run again.
-    Resume,
-    /// Restart the guest from scratch (a new VM from the same configuration).
-    Reboot,
-    /// End the VM and the VMM.
-    Shutdown,
-}
-
-/// Run state of the VM as the API reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub enum VmState {
-    /// vCPUs are running.
-    Running,
-    /// vCPUs are paused.
-    Paused,
-}
-
-/// Reply to [`ApiRequest::Info`].
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct VmInfo {
-    /// Run state.
-    pub state: VmState,
-    /// vCPU count.
-    pub cpus: u8,
-    /// Guest RAM in bytes.
-    pub memory: u64,
-    /// Number of vhost-user devices.
-    pub devices: usize,
-    /// Whether every vhost-user daemon is connected.
-    pub devices_connected: bool,
-    /// How many times the guest was booted (1 + reboots).
-    pub boots: u32,
-}
-
-/// Successful replies.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ApiResponse {
-    /// The request was carried out.
-    Done,
-    /// Answer to [`ApiRequest::Info`].
-    Info(VmInfo),
-}
-
-/// Failed requests.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ApiError {
-    /// The VM thread has ended.
-    #[error("the VM is no longer running")]
-    Gone,
-    /// The request does not fit the current state.
-    #[error("request not possible now: {0}")]
-    WrongState(&'static str),
-}
-
 /// What the VM thread receives.
 pub enum VmMessage {
     /// A request and where to send the reply.
@@ -233,6 +175,8 @@ pub struct Vm {
     kvm: Kvm,
     cpus: u8,
     paused: bool,
+    /// kvmclock saved by [`Vm::pause`], restored by [`Vm::resume`].
+    clock: Option<kvm_clock_data>,
 }
 
 fn insert(
@@ -342,6 +286,7 @@ impl Vm {
             kvm,
             cpus,
             paused: false,
+            clock: None,
         })
     }
 
@@ -446,7 +391,8 @@ impl Vm {
         Ok(())
     }
 
-    /// Stop all vCPUs (they leave KVM_RUN and wait).
+    /// Stop all vCPUs (they leave KVM_RUN and wait) and save kvmclock, so that the guest's
+    /// clock does not count the pause.
     pub fn pause(&mut self) {
         for v in &self.vcpus {
             v.pause();
@@ -454,15 +400,49 @@ impl Vm {
         for v in &self.vcpus {
             v.wait_parked();
         }
+        self.clock = match self.vm_fd.get_clock() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                log::warn!("KVM_GET_CLOCK: {e}: the guest clock will jump by the pause");
+                None
+            }
+        };
         self.paused = true;
     }
 
-    /// Resume paused vCPUs.
+    /// Restore kvmclock and resume paused vCPUs.
     pub fn resume(&mut self) {
+        if let Some(mut clock) = self.clock.take() {
+            // Set the clock to the saved value "now"; flags from GET_CLOCK are not inputs.
+            clock.flags = 0;
+            if let Err(e) = self.vm_fd.set_clock(&clock) {
+                log::warn!("KVM_SET_CLOCK: {e}: the guest clock jumps by the pause");
+            }
+        }
         for v in &self.vcpus {
             v.resume();
         }
         self.paused = false;
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// vCPUs the guest has.
+    pub fn cpus(&self) -> u8 {
+        self.cpus
+    }
+
+    /// Guest RAM in bytes.
+    pub fn memory_size(&self) -> u64 {
+        self.ram.size()
+    }
+
+    /// Whether every vhost-user daemon is connected.
+    pub fn devices_connected(&self) -> bool {
+        self.devices.as_ref().is_none_or(|d| d.all_connected())
     }
 
     /// Stop the vCPU threads and disconnect the devices.
@@ -514,57 +494,81 @@ const TOKEN_DEVICES: u64 = 1 << 32;
 /// Ctrl-A, then x: leave the VMM from a raw terminal.
 const ESCAPE: u8 = 0x01;
 
-enum Outcome {
-    Exit(ExitStatus),
-    Restart,
+/// The serial output `mode` asks for: `None` no port, `Some(None)` a port writing nowhere.
+fn serial_writer(mode: &SerialMode) -> Result<Option<Option<Box<dyn Write + Send>>>, VmError> {
+    Ok(match mode {
+        SerialMode::Stdout => {
+            // SAFETY: dup(2) of stdout; the result is checked and owned by the File.
+            let fd = unsafe { libc::dup(1) };
+            if fd < 0 {
+                return Err(VmError::EventLoop(io::Error::last_os_error()));
+            }
+            // SAFETY: `fd` is a fresh descriptor nothing else owns.
+            Some(Some(Box::new(unsafe { File::from_raw_fd(fd) })))
+        }
+        SerialMode::File(p) => Some(Some(Box::new(
+            File::options()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| VmError::SerialFile(p.clone(), e))?,
+        ))),
+        SerialMode::Off => None,
+    })
 }
 
-/// The VM thread: boots the VM from `config`, serves messages, reboots, and ends with an
-/// [`ExitStatus`].
+/// The VM thread: owns the configuration and the [`Vm`], serves [`VmMessage`]s (API requests
+/// and guest events) and ends with an [`ExitStatus`].
+///
+/// The VM's life cycle follows [`crate::api::state`]: every request is checked against it
+/// before anything is touched. A guest that powers off ends the VMM; a guest reset reboots it
+/// (or ends the VMM under `no_reboot`).
 pub struct Vmm {
-    config: VmConfig,
+    config: Option<VmConfig>,
+    state: Option<VmState>,
+    vm: Option<Vm>,
+    /// Device fds of the current VM in the epoll set.
+    device_fds: Vec<RawFd>,
     handle: VmHandle,
     rx: Receiver<VmMessage>,
     wake: Arc<EventFd>,
-    serial_out: Option<File>,
-    stdin_open: bool,
+    epoll: Epoll,
+    /// API requests that arrived while a VM was torn down, served next.
+    pending: VecDeque<VmMessage>,
+    stdin_polled: bool,
+    stdin_closed: bool,
     stdin_is_tty: bool,
     escape_pending: bool,
     boots: u32,
 }
 
 impl Vmm {
-    /// Prepare the VM thread (opens the serial output; the VM is built by [`Vmm::run`]).
-    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+    /// Prepare the VM thread. With a configuration, [`Vmm::run`] boots it at once (the command
+    /// line); without one it waits for `vm.create` and `vm.boot` (an empty `--api-socket` vmm).
+    pub fn new(config: Option<VmConfig>) -> Result<Self, VmError> {
         let (handle, rx, wake) = channel_pair().map_err(VmError::EventLoop)?;
-        let serial_out = match &config.serial {
-            SerialMode::Stdout => {
-                // SAFETY: dup(2) of stdout; the result is checked and owned by the File.
-                let fd = unsafe { libc::dup(1) };
-                if fd < 0 {
-                    return Err(VmError::EventLoop(io::Error::last_os_error()));
-                }
-                // SAFETY: `fd` is a fresh descriptor nothing else owns.
-                Some(unsafe { File::from_raw_fd(fd) })
-            }
-            SerialMode::File(p) => Some(
-                File::options()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| VmError::SerialFile(p.clone(), e))?,
-            ),
-            SerialMode::Off => None,
-        };
+        let epoll = Epoll::new().map_err(VmError::EventLoop)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                wake.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_WAKE),
+            )
+            .map_err(VmError::EventLoop)?;
         // SAFETY: isatty has no preconditions.
         let stdin_is_tty = unsafe { libc::isatty(0) } == 1;
         Ok(Self {
-            stdin_open: config.serial == SerialMode::Stdout,
+            state: config.as_ref().map(|_| VmState::Created),
             config,
+            vm: None,
+            device_fds: Vec::new(),
             handle,
             rx,
             wake,
-            serial_out,
+            epoll,
+            pending: VecDeque::new(),
+            stdin_polled: false,
+            stdin_closed: false,
             stdin_is_tty,
             escape_pending: false,
             boots: 0,
@@ -586,74 +590,30 @@ impl Vmm {
         }
     }
 
-    fn serial_writer(&self) -> Result<Option<Option<Box<dyn Write + Send>>>, VmError> {
-        match &self.serial_out {
-            None => Ok(None),
-            Some(f) => {
-                let f = f.try_clone().map_err(VmError::EventLoop)?;
-                Ok(Some(Some(Box::new(f))))
-            }
-        }
-    }
-
-    /// Run until the guest powers off, a request or signal ends it, or an error.
+    /// Run until the guest powers off, a request or signal ends the VMM, or an error.
     pub fn run(mut self) -> Result<ExitStatus, VmError> {
-        let epoll = Epoll::new().map_err(VmError::EventLoop)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                self.wake.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_WAKE),
-            )
-            .map_err(VmError::EventLoop)?;
-        if self.stdin_open {
-            if let Err(e) = epoll.ctl(
-                ControlOperation::Add,
-                0,
-                EpollEvent::new(EventSet::IN, TOKEN_STDIN),
-            ) {
-                log::debug!("serial input disabled: stdin cannot be polled ({e})");
-                self.stdin_open = false;
-            }
+        if self.config.is_some() {
+            self.boot()?;
+            self.state = Some(VmState::Running);
         }
-        loop {
-            self.boots += 1;
-            let mut vm = Vm::boot(&self.config, &self.handle, self.serial_writer()?)?;
-            let device_fds: Vec<(RawFd, u64)> = vm
-                .devices
-                .as_ref()
-                .map(|d| d.event_fds())
-                .unwrap_or_default();
-            for &(fd, token) in &device_fds {
-                epoll
-                    .ctl(
-                        ControlOperation::Add,
-                        fd,
-                        EpollEvent::new(EventSet::IN, TOKEN_DEVICES + token),
-                    )
-                    .map_err(VmError::EventLoop)?;
-            }
-            let outcome = self.serve(&epoll, &mut vm);
-            for &(fd, _) in &device_fds {
-                let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
-            }
-            vm.shutdown();
-            drop(vm);
-            match outcome? {
-                Outcome::Exit(status) => return Ok(status),
-                Outcome::Restart => log::info!("guest reset: restarting the VM"),
-            }
-        }
+        let result = self.serve();
+        self.teardown();
+        result
     }
 
-    fn serve(&mut self, epoll: &Epoll, vm: &mut Vm) -> Result<Outcome, VmError> {
+    fn serve(&mut self) -> Result<ExitStatus, VmError> {
         let mut events = [EpollEvent::default(); 8];
         loop {
+            while let Some(msg) = self.pending.pop_front() {
+                if let Some(status) = self.handle_message(msg)? {
+                    return Ok(status);
+                }
+            }
             if TERMINATE.load(Ordering::SeqCst) {
                 log::info!("termination signal: shutting down");
-                return Ok(Outcome::Exit(ExitStatus::Shutdown));
+                return Ok(ExitStatus::Shutdown);
             }
-            let n = match epoll.wait(-1, &mut events) {
+            let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(VmError::EventLoop(e)),
@@ -662,19 +622,21 @@ impl Vmm {
                 match ev.data() {
                     TOKEN_WAKE => {
                         let _ = self.wake.read();
-                        while let Ok(msg) = self.rx.try_recv() {
-                            if let Some(outcome) = self.handle_message(msg, vm)? {
-                                return Ok(outcome);
+                        while let Some(msg) =
+                            self.pending.pop_front().or_else(|| self.rx.try_recv().ok())
+                        {
+                            if let Some(status) = self.handle_message(msg)? {
+                                return Ok(status);
                             }
                         }
                     }
                     TOKEN_STDIN => {
-                        if let Some(outcome) = self.read_stdin(epoll, vm) {
-                            return Ok(outcome);
+                        if let Some(status) = self.read_stdin() {
+                            return Ok(status);
                         }
                     }
                     t => {
-                        if let Some(d) = vm.devices.as_mut() {
+                        if let Some(d) = self.vm.as_mut().and_then(|vm| vm.devices.as_mut()) {
                             d.handle_event(t - TOKEN_DEVICES);
                         }
                     }
@@ -683,27 +645,95 @@ impl Vmm {
         }
     }
 
-    fn read_stdin(&mut self, epoll: &Epoll, vm: &Vm) -> Option<Outcome> {
+    /// Build the VM from the configuration and start it.
+    fn boot(&mut self) -> Result<(), VmError> {
+        let Some(config) = self.config.as_ref() else {
+            return Ok(());
+        };
+        let serial = serial_writer(&config.serial)?;
+        let vm = Vm::boot(config, &self.handle, serial)?;
+        let device_fds = vm
+            .devices
+            .as_ref()
+            .map(|d| d.event_fds())
+            .unwrap_or_default();
+        for &(fd, token) in &device_fds {
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, TOKEN_DEVICES + token),
+            ) {
+                for &(fd, _) in &device_fds {
+                    let _ = self
+                        .epoll
+                        .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                }
+                return Err(VmError::EventLoop(e));
+            }
+        }
+        self.device_fds = device_fds.iter().map(|&(fd, _)| fd).collect();
+        if config.serial == SerialMode::Stdout && !self.stdin_polled && !self.stdin_closed {
+            match self.epoll.ctl(
+                ControlOperation::Add,
+                0,
+                EpollEvent::new(EventSet::IN, TOKEN_STDIN),
+            ) {
+                Ok(()) => self.stdin_polled = true,
+                Err(e) => {
+                    log::debug!("serial input disabled: stdin cannot be polled ({e})");
+                    self.stdin_closed = true;
+                }
+            }
+        }
+        self.boots += 1;
+        self.vm = Some(vm);
+        Ok(())
+    }
+
+    /// Stop the vCPUs, disconnect the devices and drop the VM; guest events it sent before it
+    /// stopped are dropped, API requests kept for [`Self::serve`].
+    fn teardown(&mut self) {
+        let Some(mut vm) = self.vm.take() else {
+            return;
+        };
+        for fd in self.device_fds.drain(..) {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        vm.shutdown();
+        drop(vm);
+        while let Ok(msg) = self.rx.try_recv() {
+            if let VmMessage::Api(..) = msg {
+                self.pending.push_back(msg);
+            }
+        }
+    }
+
+    fn read_stdin(&mut self) -> Option<ExitStatus> {
         let mut buf = [0u8; 256];
         // SAFETY: reading into a valid buffer of the given length.
         let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
         if n <= 0 {
             if n == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                let _ = epoll.ctl(ControlOperation::Delete, 0, EpollEvent::default());
-                self.stdin_open = false;
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, 0, EpollEvent::default());
+                self.stdin_polled = false;
+                self.stdin_closed = true;
             }
             return None;
         }
         let input = &buf[..n as usize];
+        let mut out = Vec::with_capacity(input.len());
         if self.stdin_is_tty {
-            let mut out = Vec::with_capacity(input.len());
             for &b in input {
                 if self.escape_pending {
                     self.escape_pending = false;
                     match b {
                         b'x' | b'X' => {
                             log::info!("Ctrl-A x: shutting down");
-                            return Some(Outcome::Exit(ExitStatus::Shutdown));
+                            return Some(ExitStatus::Shutdown);
                         }
                         ESCAPE => out.push(ESCAPE),
                         _ => out.extend([ESCAPE, b]),
@@ -714,76 +744,178 @@ impl Vmm {
                     out.push(b);
                 }
             }
-            vm.serial_input(&out);
         } else {
-            vm.serial_input(input);
+            out.extend_from_slice(input);
+        }
+        if let Some(vm) = &self.vm {
+            vm.serial_input(&out);
         }
         None
     }
 
-    fn reset_outcome(&self, why: &str) -> Outcome {
-        if self.config.no_reboot {
-            log::info!("guest reset ({why}) with --no-reboot: exiting");
-            Outcome::Exit(ExitStatus::Reset)
-        } else {
-            log::info!("guest reset ({why})");
-            Outcome::Restart
+    /// A guest reset: reboot in place, or end the VMM under `no_reboot`.
+    fn guest_reset(&mut self, why: &str) -> Result<Option<ExitStatus>, VmError> {
+        if self.config.as_ref().is_some_and(|c| c.no_reboot) {
+            log::info!("guest reset ({why}) with no_reboot: exiting");
+            return Ok(Some(ExitStatus::Reset));
         }
+        log::info!("guest reset ({why}): restarting the VM");
+        self.teardown();
+        if let Err(e) = self.boot() {
+            self.state = Some(VmState::Shutdown);
+            return Err(e);
+        }
+        self.state = Some(VmState::Running);
+        Ok(None)
     }
 
-    fn handle_message(&mut self, msg: VmMessage, vm: &mut Vm) -> Result<Option<Outcome>, VmError> {
+    fn handle_message(&mut self, msg: VmMessage) -> Result<Option<ExitStatus>, VmError> {
+        // Guest events only come from the VM that runs now: teardown() drops older ones.
+        let booted = self.vm.is_some();
         Ok(match msg {
-            VmMessage::Vcpu(_, VcpuEvent::PowerOff) | VmMessage::Power(PowerEvent::PowerOff) => {
+            VmMessage::Vcpu(_, VcpuEvent::PowerOff) | VmMessage::Power(PowerEvent::PowerOff)
+                if booted =>
+            {
                 log::info!("guest powered off");
-                Some(Outcome::Exit(ExitStatus::PowerOff))
+                Some(ExitStatus::PowerOff)
             }
-            VmMessage::Vcpu(_, VcpuEvent::Reset(why)) => Some(self.reset_outcome(why)),
-            VmMessage::Power(PowerEvent::Reset) => Some(self.reset_outcome("reset request")),
-            VmMessage::Vcpu(id, VcpuEvent::Error(e)) => return Err(VmError::Guest(id, e)),
+            VmMessage::Vcpu(_, VcpuEvent::Reset(why)) if booted => return self.guest_reset(why),
+            VmMessage::Power(PowerEvent::Reset) if booted => {
+                return self.guest_reset("reset request")
+            }
+            VmMessage::Vcpu(id, VcpuEvent::Error(e)) if booted => {
+                return Err(VmError::Guest(id, e))
+            }
+            VmMessage::Vcpu(..) | VmMessage::Power(_) => None,
             VmMessage::Api(req, reply) => {
-                let (result, outcome) = self.api(req, vm);
+                let exit = req == ApiRequest::VmmShutdown;
+                let result = self.api(req);
+                if exit {
+                    // Disconnect every device before the answer says it is done.
+                    self.teardown();
+                }
                 let _ = reply.send(result);
-                outcome
+                exit.then_some(ExitStatus::Shutdown)
             }
         })
     }
 
-    fn api(
-        &mut self,
-        req: ApiRequest,
-        vm: &mut Vm,
-    ) -> (Result<ApiResponse, ApiError>, Option<Outcome>) {
-        match req {
-            ApiRequest::Info => {
-                let info = VmInfo {
-                    state: if vm.paused {
-                        VmState::Paused
-                    } else {
-                        VmState::Running
-                    },
-                    cpus: self.config.cpus,
-                    memory: vm.ram.size(),
-                    devices: self.config.devices.len(),
-                    devices_connected: vm.devices.as_ref().is_none_or(|d| d.all_connected()),
-                    boots: self.boots,
-                };
-                (Ok(ApiResponse::Info(info)), None)
-            }
-            ApiRequest::Pause if vm.paused => (Err(ApiError::WrongState("already paused")), None),
-            ApiRequest::Pause => {
-                vm.pause();
-                (Ok(ApiResponse::Done), None)
-            }
-            ApiRequest::Resume if !vm.paused => (Err(ApiError::WrongState("not paused")), None),
-            ApiRequest::Resume => {
-                vm.resume();
-                (Ok(ApiResponse::Done), None)
-            }
-            ApiRequest::Reboot => (Ok(ApiResponse::Done), Some(Outcome::Restart)),
-            ApiRequest::Shutdown => (
-                Ok(ApiResponse::Done),
-                Some(Outcome::Exit(ExitStatus::Shutdown)),
-            ),
+    fn info(&self) -> VmInfo {
+        let config = self
+            .config
+            .clone()
+            .expect("vm.info is refused without a VM");
+        let vm = self.vm.as_ref();
+        VmInfo {
+            state: self.state.unwrap_or(VmState::Created),
+            cpus: vm.map_or(config.cpus, Vm::cpus),
+            memory: vm.map_or(config.memory, Vm::memory_size),
+            devices: config.devices.len(),
+            devices_connected: vm.is_none_or(Vm::devices_connected),
+            boots: self.boots,
+            config,
         }
+    }
+
+    /// Serve one API request on the VM thread.
+    fn api(&mut self, req: ApiRequest) -> Result<ApiResponse, ApiError> {
+        let action = match &req {
+            ApiRequest::VmmPing => return Ok(ApiResponse::Pong(VmmPingResponse::current())),
+            ApiRequest::VmmShutdown => return Ok(ApiResponse::Done),
+            ApiRequest::VmCreate(_) => VmAction::Create,
+            ApiRequest::VmBoot => VmAction::Boot,
+            ApiRequest::VmDelete => VmAction::Delete,
+            ApiRequest::VmInfo => VmAction::Info,
+            ApiRequest::VmPause => VmAction::Pause,
+            ApiRequest::VmResume => VmAction::Resume,
+            ApiRequest::VmReboot => VmAction::Reboot,
+            ApiRequest::VmShutdown => VmAction::Shutdown,
+            ApiRequest::VmResize(_) => VmAction::Resize,
+        };
+        let next = api_state::transition(self.state, action)?;
+        match req {
+            ApiRequest::VmmPing | ApiRequest::VmmShutdown => {}
+            ApiRequest::VmCreate(config) => {
+                config
+                    .validate()
+                    .map_err(|e| ApiError::InvalidConfig(e.to_string()))?;
+                self.config = Some(*config);
+            }
+            ApiRequest::VmBoot => {
+                self.boot().map_err(|e| ApiError::Failed(e.to_string()))?;
+            }
+            ApiRequest::VmDelete => {
+                self.teardown();
+                self.config = None;
+            }
+            ApiRequest::VmInfo => return Ok(ApiResponse::Info(Box::new(self.info()))),
+            ApiRequest::VmPause => {
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.pause();
+                }
+            }
+            ApiRequest::VmResume => {
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.resume();
+                }
+            }
+            ApiRequest::VmReboot => {
+                self.teardown();
+                if let Err(e) = self.boot() {
+                    self.state = Some(VmState::Shutdown);
+                    return Err(ApiError::Failed(format!("reboot: {e}")));
+                }
+            }
+            ApiRequest::VmShutdown => self.teardown(),
+            ApiRequest::VmResize(resize) => self.resize(&resize)?,
+        }
+        self.state = next;
+        Ok(ApiResponse::Done)
+    }
+
+    /// `vm.resize`: before boot, the configuration; on a running VM, hot-plug.
+    fn resize(&mut self, resize: &VmResize) -> Result<(), ApiError> {
+        let config = self
+            .config
+            .as_mut()
+            .expect("resize is refused without a VM");
+        let mut next = config.clone();
+        if let Some(cpus) = resize.desired_vcpus {
+            if cpus > next.max_vcpus() && next.max_cpus.is_some() {
+                return Err(ApiError::InvalidConfig(format!(
+                    "desired_vcpus {cpus} is above max_cpus {}",
+                    next.max_vcpus()
+                )));
+            }
+            next.cpus = cpus;
+        }
+        if let Some(ram) = resize.desired_ram {
+            next.memory = ram;
+        }
+        let Some(vm) = self.vm.as_mut() else {
+            next.validate()
+                .map_err(|e| ApiError::InvalidConfig(e.to_string()))?;
+            *config = next;
+            return Ok(());
+        };
+        if let Some(cpus) = resize.desired_vcpus {
+            if cpus != vm.cpus() {
+                return Err(ApiError::NotSupported(
+                    "vCPU hot-plug and unplug of a running VM".into(),
+                ));
+            }
+        }
+        if let Some(ram) = resize.desired_ram {
+            let now = vm.memory_size();
+            if ram < now {
+                return Err(ApiError::NotSupported("memory unplug".into()));
+            }
+            if ram > now {
+                return Err(ApiError::NotSupported(
+                    "memory hot-plug of a running VM".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 }

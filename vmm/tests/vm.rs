@@ -150,18 +150,19 @@ fn requests_pause_resume_report_and_shut_down_the_vm() {
     if !kvm_available() {
         return;
     }
+    use vmm::api::{ApiError, ApiRequest, ApiResponse, VmState};
     use vmm::config::SerialMode;
-    use vmm::vm::{ApiError, ApiRequest, ApiResponse, ExitStatus, VmState, Vmm};
+    use vmm::vm::{ExitStatus, Vmm};
     let dir = tempfile::tempdir().unwrap();
     let kernel = write_kernel(dir.path(), "spin.elf", &Asm::new().raw(&[0xeb, 0xfe]));
     let mut config = vmm::VmConfig::new(kernel);
     config.memory = 16 << 20;
     config.cpus = 2;
     config.serial = SerialMode::Off;
-    let vmm = Vmm::new(config).unwrap();
+    let vmm = Vmm::new(Some(config)).unwrap();
     let handle = vmm.handle();
     let thread = std::thread::spawn(move || vmm.run());
-    let state = |h: &VmHandle| match h.request(ApiRequest::Info) {
+    let state = |h: &VmHandle| match h.request(ApiRequest::VmInfo) {
         Ok(ApiResponse::Info(i)) => {
             assert_eq!((i.cpus, i.memory, i.boots), (2, 16 << 20, 1));
             i.state
@@ -169,15 +170,18 @@ fn requests_pause_resume_report_and_shut_down_the_vm() {
         other => panic!("info: {other:?}"),
     };
     assert_eq!(state(&handle), VmState::Running);
-    assert_eq!(handle.request(ApiRequest::Pause), Ok(ApiResponse::Done));
+    assert_eq!(handle.request(ApiRequest::VmPause), Ok(ApiResponse::Done));
     assert_eq!(state(&handle), VmState::Paused);
     assert!(matches!(
-        handle.request(ApiRequest::Pause),
+        handle.request(ApiRequest::VmPause),
         Err(ApiError::WrongState(_))
     ));
-    assert_eq!(handle.request(ApiRequest::Resume), Ok(ApiResponse::Done));
+    assert_eq!(handle.request(ApiRequest::VmResume), Ok(ApiResponse::Done));
     assert_eq!(state(&handle), VmState::Running);
-    assert_eq!(handle.request(ApiRequest::Shutdown), Ok(ApiResponse::Done));
+    assert_eq!(
+        handle.request(ApiRequest::VmmShutdown),
+        Ok(ApiResponse::Done)
+    );
     assert_eq!(thread.join().unwrap().unwrap(), ExitStatus::Shutdown);
-    assert_eq!(handle.request(ApiRequest::Info), Err(ApiError::Gone));
+    assert_eq!(handle.request(ApiRequest::VmInfo), Err(ApiError::Gone));
 }

@@ -136,6 +136,7 @@ fn serve<S: RequestSender>(server: &tiny_http::Server, sender: &S, stopping: &At
     while !stopping.load(Ordering::SeqCst) {
         let request = match server.recv() {
             Ok(r) => r,
+            Err(_) if stopping.load(Ordering::SeqCst) => break,
             Err(e) => {
                 log::warn!("API: cannot receive a request: {e}");
                 continue;
