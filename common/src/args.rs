@@ -1,10 +1,12 @@
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;
 
-/// Command-line options every daemon shares; `#[command(flatten)]` them into the daemon's CLI.
-///
-/// Daemon options that are required for normal operation should be declared with
-/// `required_unless_present = "print_capabilities"`.
+// Command-line options every daemon shares; `#[command(flatten)]` them into the daemon's CLI.
+// Daemon options that are required for normal operation should be declared with
+// `required_unless_present = "print_capabilities"`.
+//
+// A plain comment on purpose: clap turns a doc comment on a flattened struct into the
+// program's `about`/`long_about`, which would replace each daemon's own description.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct DaemonArgs {
     /// vhost-user Unix socket to listen on (or to connect to with --client).

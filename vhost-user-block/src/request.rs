@@ -274,7 +274,10 @@ pub fn prepare<M: GuestMemoryBackend>(
         return Outcome::Done(0);
     };
     let status_addr = last.addr().0.checked_add(u64::from(last.len()) - 1);
-    let Some(status_addr) = status_addr else {
+    // A request whose status cannot be reported must not run: the guest would never learn
+    // that its write reached the disk.
+    let Some(status_addr) = status_addr.filter(|&a| mem.address_in_range(GuestAddress(a))) else {
+        log::debug!("request whose status byte is outside guest memory; returning it unanswered");
         return Outcome::Done(0);
     };
     let write_status = |status: u8, data_len: u32| -> Outcome {
