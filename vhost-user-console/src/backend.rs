@@ -169,6 +169,55 @@ impl Poller {
     }
 }
 
+/// One pass over a queue's available chains: each is popped, handled and put back used; the
+/// guest is signalled once, when the pass ends, if any chain was used.
+struct ChainPass<'a> {
+    vring: &'a Vring,
+    mem: vm_memory::GuestMemoryLoadGuard<common::GuestMemoryMmap>,
+    queue: usize,
+    used: bool,
+}
+
+impl ChainPass<'_> {
+    /// The next available chain: its head index, and whether its descriptors (collected into
+    /// `descs`) are sound and all `writable` or all not.
+    fn next(
+        &mut self,
+        writable: bool,
+        descs: &mut Vec<Descriptor>,
+    ) -> Option<(u16, Result<(), ChainError>)> {
+        let chain = self
+            .vring
+            .get_mut()
+            .get_queue_mut()
+            .pop_descriptor_chain(&*self.mem)?;
+        let head = chain.head_index();
+        Some((head, chain::collect(chain, writable, descs)))
+    }
+
+    /// Give chain `head` back to the guest with `len` bytes written; false if that failed.
+    fn put(&mut self, head: u16, len: u32) -> bool {
+        self.used = true;
+        match self.vring.add_used(head, len) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("queue {}: cannot return chain {head}: {e}", self.queue);
+                false
+            }
+        }
+    }
+}
+
+impl Drop for ChainPass<'_> {
+    fn drop(&mut self) {
+        if self.used {
+            if let Err(e) = self.vring.signal_used_queue() {
+                log::debug!("queue {}: cannot signal the guest: {e}", self.queue);
+            }
+        }
+    }
+}
+
 /// Everything the worker thread and the vhost-user request thread share.
 struct Device {
     ports: Vec<Port>,
@@ -369,41 +418,45 @@ impl Device {
         }
     }
 
-    fn memory(&self) -> Option<vm_memory::GuestMemoryLoadGuard<common::GuestMemoryMmap>> {
-        self.mem.as_ref().map(|m| m.memory())
+    /// A pass over `queue`'s available chains, if the queue is running.
+    fn pass<'a>(&self, vrings: &'a [Vring], queue: usize) -> Option<ChainPass<'a>> {
+        let vring = vrings.get(queue)?;
+        if !vring.get_ref().is_enabled() {
+            return None;
+        }
+        Some(ChainPass {
+            vring,
+            mem: self.mem.as_ref()?.memory(),
+            queue,
+            used: false,
+        })
     }
 
     /// Take guest output from port `p`'s transmit queue.
     fn process_tx(&mut self, p: usize, vrings: &[Vring]) {
         let queue = receive_queue(p) + 1;
-        let (Some(vring), Some(mem)) = (vrings.get(queue), self.memory()) else {
+        let Some(mut pass) = self.pass(vrings, queue) else {
             return;
         };
-        if !vring.get_ref().is_enabled() {
-            return;
-        }
         let mut data = std::mem::take(&mut self.scratch);
         data.clear();
-        let mut used = false;
         self.tx_waiting[p] = false;
         loop {
             if self.ports[p].output_blocked() {
                 self.tx_waiting[p] = true;
                 break;
             }
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let result = chain::collect(chain, false, &mut self.descs)
-                .and_then(|()| chain::read_into(&*mem, &self.descs, &mut data));
+            let Some((head, collected)) = pass.next(false, &mut self.descs) else {
+                break;
+            };
+            let result =
+                collected.and_then(|()| chain::read_into(&*pass.mem, &self.descs, &mut data));
             if let Err(e) = result {
                 self.note_bad_chain(queue, head, &e);
             }
-            if let Err(e) = vring.add_used(head, 0) {
+            if !pass.put(head, 0) {
                 self.note_bad_chain(queue, head, &ChainError::Broken);
-                log::debug!("queue {queue}: cannot return chain {head}: {e}");
             }
-            used = true;
             if data.len() >= OUTPUT_BATCH {
                 self.ports[p].output(&data);
                 data.clear();
@@ -412,11 +465,6 @@ impl Device {
         self.ports[p].output(&data);
         data.clear();
         self.scratch = data;
-        if used {
-            if let Err(e) = vring.signal_used_queue() {
-                log::debug!("queue {queue}: cannot signal the guest: {e}");
-            }
-        }
     }
 
     /// Hand waiting input of port `p` to the guest's receive buffers.
@@ -430,35 +478,21 @@ impl Device {
             return;
         }
         let queue = receive_queue(p);
-        let (Some(vring), Some(mem)) = (vrings.get(queue), self.memory()) else {
+        let Some(mut pass) = self.pass(vrings, queue) else {
             return;
         };
-        if !vring.get_ref().is_enabled() {
-            return;
-        }
-        let mut used = false;
         while !self.ports[p].input.is_empty() {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let written = chain::collect(chain, true, &mut self.descs)
-                .and_then(|()| chain::write_from(&*mem, &self.descs, &mut self.ports[p].input));
-            let len = match written {
-                Ok(n) => n,
-                Err(e) => {
-                    self.note_bad_chain(queue, head, &e);
-                    0
-                }
+            let Some((head, collected)) = pass.next(true, &mut self.descs) else {
+                break;
             };
-            if let Err(e) = vring.add_used(head, len) {
-                log::debug!("queue {queue}: cannot return chain {head}: {e}");
-            }
-            used = true;
-        }
-        if used {
-            if let Err(e) = vring.signal_used_queue() {
-                log::debug!("queue {queue}: cannot signal the guest: {e}");
-            }
+            let written = collected.and_then(|()| {
+                chain::write_from(&*pass.mem, &self.descs, &mut self.ports[p].input)
+            });
+            let len = written.unwrap_or_else(|e| {
+                self.note_bad_chain(queue, head, &e);
+                0
+            });
+            pass.put(head, len);
         }
     }
 
@@ -477,77 +511,48 @@ impl Device {
         if !self.acked_multiport || self.control_out.is_empty() {
             return;
         }
-        let (Some(vring), Some(mem)) = (vrings.get(CONTROL_RECEIVE), self.memory()) else {
+        let Some(mut pass) = self.pass(vrings, CONTROL_RECEIVE) else {
             return;
         };
-        if !vring.get_ref().is_enabled() {
-            return;
-        }
-        let mut used = false;
         while let Some(msg) = self.control_out.front() {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let written = chain::collect(chain, true, &mut self.descs)
-                .and_then(|()| chain::write_message(&*mem, &self.descs, msg));
-            let len = match written {
-                Ok(n) => {
-                    self.control_out.pop_front();
-                    n
-                }
-                Err(e) => {
-                    // A buffer that cannot hold the message costs the message: retrying it
-                    // forever on a hostile guest's buffers would be worse.
-                    self.control_out.pop_front();
-                    self.note_bad_chain(CONTROL_RECEIVE, head, &e);
-                    0
-                }
+            let Some((head, collected)) = pass.next(true, &mut self.descs) else {
+                break;
             };
-            if let Err(e) = vring.add_used(head, len) {
-                log::debug!("control queue: cannot return chain {head}: {e}");
-            }
-            used = true;
-        }
-        if used {
-            if let Err(e) = vring.signal_used_queue() {
-                log::debug!("control queue: cannot signal the guest: {e}");
-            }
+            let written =
+                collected.and_then(|()| chain::write_message(&*pass.mem, &self.descs, msg));
+            // A buffer that cannot hold the message costs the message: retrying it forever on
+            // a hostile guest's buffers would be worse.
+            self.control_out.pop_front();
+            let len = written.unwrap_or_else(|e| {
+                self.note_bad_chain(CONTROL_RECEIVE, head, &e);
+                0
+            });
+            pass.put(head, len);
         }
     }
 
     /// Read the driver's control messages and answer them.
     fn process_control(&mut self, vrings: &[Vring]) {
-        let (Some(vring), Some(mem)) = (vrings.get(CONTROL_TRANSMIT), self.memory()) else {
-            return;
-        };
-        let mut used = false;
         let mut messages = Vec::new();
-        loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let mut header = [0u8; control::CONTROL_LEN];
-            let read = chain::collect(chain, false, &mut self.descs)
-                .and_then(|()| chain::read_prefix(&*mem, &self.descs, &mut header));
-            match read {
-                Ok(n) => match Control::parse(&header[..n]) {
-                    Some(c) => messages.push(c),
-                    None => {
-                        if let Some(k) = self.bad_control.hit() {
-                            log::warn!("control message of {n} bytes is too short ({k} so far)");
+        if let Some(mut pass) = self.pass(vrings, CONTROL_TRANSMIT) {
+            while let Some((head, collected)) = pass.next(false, &mut self.descs) {
+                let mut header = [0u8; control::CONTROL_LEN];
+                let read = collected
+                    .and_then(|()| chain::read_prefix(&*pass.mem, &self.descs, &mut header));
+                match read {
+                    Ok(n) => match Control::parse(&header[..n]) {
+                        Some(c) => messages.push(c),
+                        None => {
+                            if let Some(k) = self.bad_control.hit() {
+                                log::warn!(
+                                    "control message of {n} bytes is too short ({k} so far)"
+                                );
+                            }
                         }
-                    }
-                },
-                Err(e) => self.note_bad_chain(CONTROL_TRANSMIT, head, &e),
-            }
-            if let Err(e) = vring.add_used(head, 0) {
-                log::debug!("control queue: cannot return chain {head}: {e}");
-            }
-            used = true;
-        }
-        if used {
-            if let Err(e) = vring.signal_used_queue() {
-                log::debug!("control queue: cannot signal the guest: {e}");
+                    },
+                    Err(e) => self.note_bad_chain(CONTROL_TRANSMIT, head, &e),
+                }
+                pass.put(head, 0);
             }
         }
         for c in messages {
@@ -571,14 +576,7 @@ impl Device {
                 // A driver starting over forgets what it was told before.
                 self.control_out.clear();
                 for id in 0..self.ports.len() as u32 {
-                    self.queue_control(
-                        Control {
-                            id,
-                            event: control::DEVICE_ADD,
-                            value: 1,
-                        }
-                        .encode(&[]),
-                    );
+                    self.queue_control(control::announce(id, control::DEVICE_ADD, &[]));
                 }
             }
             control::PORT_READY if port < self.ports.len() => {
@@ -588,14 +586,7 @@ impl Device {
                 }
                 let id = c.id;
                 if port == 0 {
-                    self.queue_control(
-                        Control {
-                            id,
-                            event: control::CONSOLE_PORT,
-                            value: 1,
-                        }
-                        .encode(&[]),
-                    );
+                    self.queue_control(control::announce(id, control::CONSOLE_PORT, &[]));
                     let (cols, rows) = self.size;
                     if cols != 0 && rows != 0 {
                         self.queue_control(control::resize(0, cols, rows));
@@ -604,24 +595,10 @@ impl Device {
                     self.ports[0].guest_open = true;
                 }
                 if let Some(name) = self.ports[port].name.clone() {
-                    self.queue_control(
-                        Control {
-                            id,
-                            event: control::PORT_NAME,
-                            value: 1,
-                        }
-                        .encode(name.as_bytes()),
-                    );
+                    self.queue_control(control::announce(id, control::PORT_NAME, name.as_bytes()));
                 }
                 // The daemon keeps output for absent clients, so the host side is always open.
-                self.queue_control(
-                    Control {
-                        id,
-                        event: control::PORT_OPEN,
-                        value: 1,
-                    }
-                    .encode(&[]),
-                );
+                self.queue_control(control::announce(id, control::PORT_OPEN, &[]));
             }
             control::PORT_OPEN if port < self.ports.len() => {
                 let open = c.value != 0;

@@ -97,14 +97,12 @@ pub fn read_into<M: GuestMemory>(
     Ok(total as usize)
 }
 
-/// Move as much of `input` as fits into device-writable `descs`; returns the bytes written.
-/// Input leaves the queue only when the whole copy succeeded.
-pub fn write_from<M: GuestMemory>(
+/// Copy as much of `data` as fits into device-writable `descs`; returns the bytes copied.
+fn scatter<M: GuestMemory>(
     mem: &M,
     descs: &[Descriptor],
-    input: &mut VecDeque<u8>,
-) -> Result<u32, ChainError> {
-    let data = input.make_contiguous();
+    data: &[u8],
+) -> Result<usize, ChainError> {
     let mut done = 0usize;
     for d in descs {
         if done == data.len() {
@@ -115,6 +113,17 @@ pub fn write_from<M: GuestMemory>(
             .map_err(|_| ChainError::OutsideMemory)?;
         done += n;
     }
+    Ok(done)
+}
+
+/// Move as much of `input` as fits into device-writable `descs`; returns the bytes written.
+/// Input leaves the queue only when the whole copy succeeded.
+pub fn write_from<M: GuestMemory>(
+    mem: &M,
+    descs: &[Descriptor],
+    input: &mut VecDeque<u8>,
+) -> Result<u32, ChainError> {
+    let done = scatter(mem, descs, input.make_contiguous())?;
     input.drain(..done);
     // At most MAX_DESCRIPTORS * u32::MAX in theory, but bounded by the input buffer in practice.
     Ok(u32::try_from(done).unwrap_or(u32::MAX))
@@ -130,17 +139,8 @@ pub fn write_message<M: GuestMemory>(
     if room < msg.len() as u64 {
         return Err(ChainError::TooSmall(room, msg.len()));
     }
-    let mut done = 0usize;
-    for d in descs {
-        if done == msg.len() {
-            break;
-        }
-        let n = (d.len() as usize).min(msg.len() - done);
-        mem.write_slice(&msg[done..done + n], d.addr())
-            .map_err(|_| ChainError::OutsideMemory)?;
-        done += n;
-    }
-    Ok(done as u32)
+    // A control message is a few bytes plus at most a port name.
+    Ok(scatter(mem, descs, msg)? as u32)
 }
 
 /// Read at most `buf.len()` bytes from the start of device-readable `descs`.

@@ -54,6 +54,17 @@ impl Control {
     }
 }
 
+/// A device -> driver `event` for port `id` with value 1 (added, a console, open, named),
+/// followed by `extra` bytes (the name).
+pub fn announce(id: u32, event: u16, extra: &[u8]) -> Vec<u8> {
+    Control {
+        id,
+        event,
+        value: 1,
+    }
+    .encode(extra)
+}
+
 /// `RESIZE` for port `id`: `le16 cols, le16 rows` after the header (virtio spec 5.3.6.2).
 /// Linux read them the other way round until 2025 ("virtio_console: fix order of dimensions in
 /// RESIZE message", backported to stable kernels); the spec's order is the one that lasts.

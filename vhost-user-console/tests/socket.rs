@@ -256,10 +256,8 @@ fn pty_resize_reaches_a_multiport_guest() {
     assert_eq!(control_messages(&mut fe, &mut posted, 1), vec![resize]);
     assert_eq!(&fe.config(0, 4), &[160, 0, 50, 0]);
 
-    // And the pty carries the console both ways.
-    fe.send(1, b"hello pty\n");
-    let mut u = user.try_clone().unwrap();
-    assert_eq!(read_n(&mut u, 10), b"hello pty\n");
+    // And the pty carries the console.
+    assert_pty_gets(&mut fe, &user, b"hello pty\n");
 }
 
 #[test]
@@ -279,10 +277,7 @@ fn pty_resize_notifies_a_single_port_guest_through_the_backend_channel() {
     // One notification per change: a further tick of the unchanged pty sends none.
     requests.serve_for(Duration::from_millis(1500));
     assert_eq!(requests.config_changes(), 2);
-
-    fe.send(1, b"hello pty\n");
-    let mut u = user.try_clone().unwrap();
-    assert_eq!(read_n(&mut u, 10), b"hello pty\n");
+    assert_pty_gets(&mut fe, &user, b"hello pty\n");
 }
 
 #[test]
@@ -293,21 +288,30 @@ fn a_frontend_that_never_answers_its_backend_channel_cannot_stall_the_console() 
     let _silent = fe.backend_requests();
     let user = open_pty(&s);
     set_window_size(&user, 100, 40);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while fe.config(0, 4) != [100, 0, 40, 0] {
-        assert!(Instant::now() < deadline, "size never updated");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_config_size(&mut fe, 100, 40);
     // The guest's output still flows (Session::send gives the daemon 20 s).
-    fe.send(1, b"still here\n");
-    let mut u = user.try_clone().unwrap();
-    assert_eq!(read_n(&mut u, 11), b"still here\n");
+    assert_pty_gets(&mut fe, &user, b"still here\n");
     // And a later resize still updates the config space.
     set_window_size(&user, 90, 30);
-    while fe.config(0, 4) != [90, 0, 30, 0] {
-        assert!(Instant::now() < deadline, "size never updated");
+    wait_config_size(&mut fe, 90, 30);
+}
+
+/// Wait until the config space reports `cols` x `rows`.
+fn wait_config_size(fe: &mut Session, cols: u16, rows: u16) {
+    let mut want = cols.to_le_bytes().to_vec();
+    want.extend_from_slice(&rows.to_le_bytes());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fe.config(0, 4) != want {
+        assert!(Instant::now() < deadline, "size never became {cols}x{rows}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Guest output `text` on the console reaches the pty's user.
+fn assert_pty_gets(fe: &mut Session, user: &std::fs::File, text: &[u8]) {
+    fe.send(1, text);
+    let mut u = user.try_clone().unwrap();
+    assert_eq!(read_n(&mut u, text.len()), text);
 }
 
 /// The user's side of the daemon's pty, opened read-write.
@@ -477,17 +481,23 @@ fn free_tcp_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-#[test]
-fn stdio_backend_works_without_a_terminal() {
+/// The daemon with the stdio backend and `stdin`, and a frontend connected to it.
+fn start_stdio(stdin: std::process::Stdio) -> (tempfile::TempDir, Daemon, Session) {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vhost.sock");
-    let mut d = Daemon::start_with(
+    let d = Daemon::start_with(
         &daemon_binary(),
         &["--socket", socket.to_str().unwrap(), "--backend", "stdio"],
         &socket,
-        std::process::Stdio::null(),
+        stdin,
     );
-    let mut fe = Session::connect(&socket, 0, 2);
+    let fe = Session::connect(&socket, 0, 2);
+    (dir, d, fe)
+}
+
+#[test]
+fn stdio_backend_works_without_a_terminal() {
+    let (_dir, mut d, mut fe) = start_stdio(std::process::Stdio::null());
     fe.send(1, b"to stdout\n");
     let mut out = d.child.stdout.take().unwrap();
     assert_eq!(read_n(&mut out, 10), b"to stdout\n");
@@ -514,15 +524,7 @@ fn a_client_that_stops_reading_cannot_hold_the_guest_for_long() {
 
 #[test]
 fn stdio_backend_takes_piped_input_without_stalling() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("vhost.sock");
-    let mut d = Daemon::start_with(
-        &daemon_binary(),
-        &["--socket", socket.to_str().unwrap(), "--backend", "stdio"],
-        &socket,
-        std::process::Stdio::piped(),
-    );
-    let mut fe = Session::connect(&socket, 0, 2);
+    let (_dir, mut d, mut fe) = start_stdio(std::process::Stdio::piped());
     let mut stdin = d.child.stdin.take().unwrap();
     stdin.write_all(b"echo hi\n").unwrap();
     let mut posted = fe.post_rx(0, 2, 64);
