@@ -18,6 +18,9 @@ pub const F_VERSION_1: u64 = 1 << 32;
 /// VHOST_USER_F_PROTOCOL_FEATURES.
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
+/// VIRTIO_RING_F_EVENT_IDX.
+pub const F_EVENT_IDX: u64 = 1 << 29;
+
 /// How long [`Session::wait`] waits for the daemon.
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -114,7 +117,8 @@ impl Session {
         let base = guest.host_base();
         let mut queues = Vec::with_capacity(opts.num_queues);
         for i in 0..opts.num_queues {
-            let q = SplitQueue::new(&mut guest, i, opts.queue_size)?;
+            let mut q = SplitQueue::new(&mut guest, i, opts.queue_size)?;
+            q.set_event_idx(features & F_EVENT_IDX != 0);
             fe.set_vring_num(i, opts.queue_size)
                 .map_err(msg("SET_VRING_NUM"))?;
             fe.set_vring_addr(i, &q.config_data(base))

@@ -29,6 +29,6 @@ mod queue;
 
 pub use daemon::{binary, cpu_time, Daemon};
 pub use error::{Error, Result};
-pub use frontend::{Completion, Options, Session, F_PROTOCOL_FEATURES, F_VERSION_1};
+pub use frontend::{Completion, Options, Session, F_EVENT_IDX, F_PROTOCOL_FEATURES, F_VERSION_1};
 pub use guest::GuestMemory;
 pub use queue::{write_table, Desc, SplitQueue, Used, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};

@@ -68,7 +68,10 @@ pub struct SplitQueue {
     avail: u64,
     used: u64,
     avail_idx: u16,
+    /// `avail_idx` when the device was last kicked by [`SplitQueue::notify`].
+    kicked_idx: u16,
     last_used: u16,
+    event_idx: bool,
     free: Vec<u16>,
     /// Descriptor slots of each posted chain, by head.
     chains: Vec<Vec<u16>>,
@@ -92,7 +95,9 @@ impl SplitQueue {
             avail,
             used,
             avail_idx: 0,
+            kicked_idx: 0,
             last_used: 0,
+            event_idx: false,
             free: (0..size).rev().collect(),
             chains: vec![Vec::new(); usize::from(size)],
             kick: eventfd()?,
@@ -214,7 +219,33 @@ impl SplitQueue {
         self.add(mem, &[d])
     }
 
-    /// Tell the device there is work.
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated: [`SplitQueue::notify`] honours the device's
+    /// avail_event.
+    pub fn set_event_idx(&mut self, on: bool) {
+        self.event_idx = on;
+    }
+
+    /// Kick if the device asked for it (with EVENT_IDX: its avail_event lies among the chains
+    /// made available since the last notify), as a Linux driver does.
+    pub fn notify(&mut self, mem: &GuestMemoryMmap) {
+        let old = self.kicked_idx;
+        let new = self.avail_idx;
+        self.kicked_idx = new;
+        if new == old {
+            return;
+        }
+        if self.event_idx {
+            fence(Ordering::SeqCst);
+            let event: u16 = read(mem, self.used + 4 + 8 * u64::from(self.size));
+            // vring_need_event()
+            if new.wrapping_sub(event).wrapping_sub(1) >= new.wrapping_sub(old) {
+                return;
+            }
+        }
+        self.kick();
+    }
+
+    /// Tell the device there is work, unconditionally.
     pub fn kick(&self) {
         // An eventfd counter write only fails on overflow, which a pending kick already covers.
         let _ = self.kick.write(1);

@@ -11,6 +11,7 @@ pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod devices;
+pub mod hotplug;
 pub mod layout;
 pub mod memory;
 pub mod vcpu;

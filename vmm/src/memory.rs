@@ -1,4 +1,5 @@
-//! Guest RAM: one memfd, mapped MAP_SHARED, so vhost-user daemons can map the same pages.
+//! Guest RAM: one memfd, mapped MAP_SHARED, so vhost-user daemons can map the same pages;
+//! each hot-plugged block ([`GuestRam::add_block`]) has a memfd of its own.
 //!
 //! RAM up to 3 GiB sits at guest address 0; the rest continues at 4 GiB (see [`crate::layout`]).
 //! Each region keeps its `FileOffset`, which is what VHOST_USER_SET_MEM_TABLE sends.
@@ -7,6 +8,7 @@ use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::os::unix::io::FromRawFd;
+use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -51,7 +53,7 @@ pub struct GuestRam {
     pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
     /// (start, length) of each RAM range, ascending.
     pub ranges: Vec<(u64, u64)>,
-    /// The memfd backing all regions.
+    /// The memfd backing the boot regions.
     pub file: File,
 }
 
@@ -76,54 +78,12 @@ impl GuestRam {
     /// Create `size` bytes of guest RAM (`size` is a multiple of 4 KiB, or 2 MiB with
     /// `hugepages`).
     pub fn new(size: u64, hugepages: bool) -> Result<Self, MemoryError> {
-        if hugepages {
-            let need = size.div_ceil(crate::config::HUGE_PAGE_SIZE);
-            let free = free_huge_pages();
-            // A memfd with too few huge pages maps fine and then SIGBUSes on first touch.
-            if free < need {
-                return Err(MemoryError::HugePages { need, free });
-            }
-        }
-        let name: &CStr = c"vmm-guest-ram";
-        let mut flags = libc::MFD_CLOEXEC;
-        if hugepages {
-            flags |= libc::MFD_HUGETLB;
-        }
-        // SAFETY: `name` is a valid NUL-terminated string; the result is checked.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
-        if fd < 0 {
-            return Err(MemoryError::Memfd(io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just created and nothing else owns it.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size)
-            .map_err(|e| MemoryError::Truncate(size, e))?;
-
+        let file = memfd(c"vmm-guest-ram", size, hugepages)?;
         let ranges = ram_ranges(size);
         let mut regions = Vec::new();
         let mut offset = 0u64;
         for &(start, len) in &ranges {
-            let fo = FileOffset::new(
-                file.try_clone()
-                    .map_err(|e| MemoryError::Mmap(e.to_string()))?,
-                offset,
-            );
-            let len_usize =
-                usize::try_from(len).map_err(|_| MemoryError::Mmap("region too large".into()))?;
-            let mut flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
-            if hugepages {
-                flags |= libc::MAP_HUGETLB;
-            }
-            let mapping = MmapRegion::build(
-                Some(fo),
-                len_usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-            )
-            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
-            let region = GuestRegionMmap::new(mapping, GuestAddress(start))
-                .ok_or_else(|| MemoryError::Mmap("region wraps the address space".into()))?;
-            regions.push(region);
+            regions.push(map_region(&file, offset, start, len, hugepages)?);
             offset += len;
         }
         let mem =
@@ -156,10 +116,104 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Total RAM in bytes.
+    /// Total RAM in bytes, hot-plugged blocks included.
     pub fn size(&self) -> u64 {
-        self.ranges.iter().map(|r| r.1).sum()
+        self.mem.memory().iter().map(|r| r.len()).sum()
     }
+
+    /// Hot-plug a block of `len` bytes at guest address `start`: a memfd of its own (so that
+    /// vhost-user daemons can map it), KVM memory `slot`, and the shared guest memory map.
+    /// Returns the new region, for the daemons.
+    pub fn add_block(
+        &self,
+        vm: &VmFd,
+        slot: u32,
+        start: u64,
+        len: u64,
+        hugepages: bool,
+    ) -> Result<Arc<GuestRegionMmap<()>>, MemoryError> {
+        let file = memfd(c"vmm-guest-ram-hotplug", len, hugepages)?;
+        let region = Arc::new(map_region(&file, 0, start, len, hugepages)?);
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        let slot_region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: start,
+            memory_size: len,
+            userspace_addr: host as u64,
+        };
+        let mem = self
+            .mem
+            .memory()
+            .insert_region(region.clone())
+            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        // SAFETY: the mapping lives in `self.mem` from the next line on, which the VM drops
+        // only after the VM fd, as for the boot regions.
+        unsafe { vm.set_user_memory_region(slot_region) }.map_err(MemoryError::Slot)?;
+        self.mem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(mem);
+        Ok(region)
+    }
+}
+
+/// A memfd of `size` bytes (huge pages: MFD_HUGETLB), checking that enough are free.
+fn memfd(name: &CStr, size: u64, hugepages: bool) -> Result<File, MemoryError> {
+    if hugepages {
+        let need = size.div_ceil(crate::config::HUGE_PAGE_SIZE);
+        let free = free_huge_pages();
+        // A memfd with too few huge pages maps fine and then SIGBUSes on first touch.
+        if free < need {
+            return Err(MemoryError::HugePages { need, free });
+        }
+    }
+    let mut flags = libc::MFD_CLOEXEC;
+    if hugepages {
+        flags |= libc::MFD_HUGETLB;
+    }
+    // SAFETY: `name` is a valid NUL-terminated string; the result is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|e| MemoryError::Truncate(size, e))?;
+    Ok(file)
+}
+
+/// Map `len` bytes of `file` from `offset` as guest RAM at `start` (MAP_SHARED).
+fn map_region(
+    file: &File,
+    offset: u64,
+    start: u64,
+    len: u64,
+    hugepages: bool,
+) -> Result<GuestRegionMmap<()>, MemoryError> {
+    let fo = FileOffset::new(
+        file.try_clone()
+            .map_err(|e| MemoryError::Mmap(e.to_string()))?,
+        offset,
+    );
+    let len_usize =
+        usize::try_from(len).map_err(|_| MemoryError::Mmap("region too large".into()))?;
+    let mut flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
+    if hugepages {
+        flags |= libc::MAP_HUGETLB;
+    }
+    let mapping = MmapRegion::build(
+        Some(fo),
+        len_usize,
+        libc::PROT_READ | libc::PROT_WRITE,
+        flags,
+    )
+    .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+    GuestRegionMmap::new(mapping, GuestAddress(start))
+        .ok_or_else(|| MemoryError::Mmap("region wraps the address space".into()))
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use kvm_bindings::{kvm_clock_data, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -30,6 +30,7 @@ use crate::config::{SerialMode, VmConfig};
 use crate::devices::legacy::{
     i8042, AcpiPm, Cmos, PostPort, PowerEvent, PowerEventSink, Serial, I8042,
 };
+use crate::hotplug::{self, HotplugController, HotplugLayout, HotplugState};
 use crate::layout;
 use crate::memory::{GuestMemoryMmap, GuestRam, MemoryError};
 use crate::vcpu::{VcpuContext, VcpuEvent, VcpuHandle};
@@ -177,6 +178,59 @@ pub struct Vm {
     paused: bool,
     /// kvmclock saved by [`Vm::pause`], restored by [`Vm::resume`].
     clock: Option<kvm_clock_data>,
+    /// vCPU count the CPUID topology describes (`max_cpus` with hot-plug).
+    max_cpus: u8,
+    /// RAM is backed by huge pages (hot-plugged blocks too).
+    hugepages: bool,
+    /// What creating a vCPU needs after boot (set by [`Vm::start`]).
+    vcpu_setup: Option<VcpuSetup>,
+    /// ACPI hot-plug, when the configuration allows growth.
+    hotplug: Option<VmHotplug>,
+}
+
+struct VcpuSetup {
+    supported: kvm_bindings::CpuId,
+    events: crate::vcpu::VcpuEventSink,
+}
+
+struct VmHotplug {
+    layout: HotplugLayout,
+    state: Arc<Mutex<HotplugState>>,
+    ged: EventFd,
+    /// RAM blocks already mapped and given to KVM and the daemons.
+    mapped: Vec<bool>,
+}
+
+/// KVM memory slot of the first hot-plug RAM block (boot RAM uses the slots below).
+const FIRST_HOTPLUG_SLOT: u32 = 8;
+
+/// Why a running VM could not be resized.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    /// The configuration did not leave room for it.
+    #[error("{0} cannot grow beyond the boot size: the VM was created without {1}")]
+    NoHotplug(&'static str, &'static str),
+    /// The request is out of range.
+    #[error("{0}")]
+    Invalid(String),
+    /// Not possible with this VMM.
+    #[error("{0}")]
+    NotSupported(String),
+    /// A KVM or device call failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<ResizeError> for ApiError {
+    fn from(e: ResizeError) -> Self {
+        match e {
+            ResizeError::NoHotplug(..) | ResizeError::Invalid(_) => {
+                ApiError::InvalidConfig(e.to_string())
+            }
+            ResizeError::NotSupported(m) => ApiError::NotSupported(m),
+            ResizeError::Failed(m) => ApiError::Failed(m),
+        }
+    }
 }
 
 fn insert(
@@ -287,6 +341,10 @@ impl Vm {
             cpus,
             paused: false,
             clock: None,
+            max_cpus: cpus,
+            hugepages,
+            vcpu_setup: None,
+            hotplug: None,
         })
     }
 
@@ -303,6 +361,10 @@ impl Vm {
             handle,
             serial_out,
         )?;
+        let layout = HotplugLayout::new(config);
+        if layout.enabled() {
+            vm.enable_hotplug(layout.clone())?;
+        }
         // Even without devices: the PCI root brings the host bridge and config ports.
         vm.devices = Some(attach_devices(&vm.device_context(), &config.devices)?);
         let entry = boot::load_linux(
@@ -311,7 +373,7 @@ impl Vm {
             &config.kernel,
             config.initramfs.as_deref(),
             &config.cmdline,
-            config.cpus,
+            &layout,
         )?;
         vm.start(entry, handle)?;
         Ok(vm)
@@ -358,37 +420,228 @@ impl Vm {
         let events: crate::vcpu::VcpuEventSink = Arc::new(move |id, event| {
             let _ = events_handle.post(VmMessage::Vcpu(id, event));
         });
+        self.vcpu_setup = Some(VcpuSetup { supported, events });
         let mut fds = Vec::new();
         for id in 0..self.cpus {
-            let vcpu = self
-                .vm_fd
-                .create_vcpu(u64::from(id))
-                .map_err(|e| VmError::KvmCall("KVM_CREATE_VCPU", e))?;
-            let cpuid = boot::cpuid::vcpu_cpuid(&supported, id, self.cpus);
-            vcpu.set_cpuid2(&cpuid)
-                .map_err(|e| VmError::VcpuSetup(id, regs::RegsError::Kvm("KVM_SET_CPUID2", e)))?;
-            let setup = |r: Result<(), regs::RegsError>| r.map_err(|e| VmError::VcpuSetup(id, e));
-            setup(regs::setup_msrs(&vcpu))?;
-            setup(regs::setup_fpu(&vcpu))?;
-            setup(regs::setup_lapic(&vcpu))?;
-            if id == 0 {
-                setup(regs::setup_long_mode(&vcpu, entry.entry, entry.zero_page))?;
-            }
-            fds.push(vcpu);
+            fds.push(self.create_vcpu(id, (id == 0).then_some(entry))?);
         }
         // Application processors wait in KVM for INIT/SIPI from the boot processor.
         for (id, vcpu) in fds.into_iter().enumerate() {
-            let id = id as u8;
-            let ctx = VcpuContext {
-                pio_bus: self.pio_bus.clone(),
-                mmio_bus: self.mmio_bus.clone(),
-                events: events.clone(),
-                started: PROCESS_START.get().copied(),
-            };
-            let h = VcpuHandle::spawn(id, vcpu, ctx).map_err(|e| VmError::VcpuThread(id, e))?;
-            self.vcpus.push(h);
+            self.spawn_vcpu(id as u8, vcpu)?;
         }
         Ok(())
+    }
+
+    /// Create and configure vCPU `id`; with `entry` it starts in 64-bit mode there, otherwise
+    /// it waits for INIT/SIPI like any application processor.
+    fn create_vcpu(&self, id: u8, entry: Option<BootEntry>) -> Result<VcpuFd, VmError> {
+        let setup = self
+            .vcpu_setup
+            .as_ref()
+            .expect("create_vcpu is only called after start() set up the CPUID");
+        let vcpu = self
+            .vm_fd
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VmError::KvmCall("KVM_CREATE_VCPU", e))?;
+        // The topology covers every possible vCPU, so hot-added ones fit in.
+        let cpuid = boot::cpuid::vcpu_cpuid(&setup.supported, id, self.max_cpus);
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(|e| VmError::VcpuSetup(id, regs::RegsError::Kvm("KVM_SET_CPUID2", e)))?;
+        let check = |r: Result<(), regs::RegsError>| r.map_err(|e| VmError::VcpuSetup(id, e));
+        check(regs::setup_msrs(&vcpu))?;
+        check(regs::setup_fpu(&vcpu))?;
+        check(regs::setup_lapic(&vcpu))?;
+        if let Some(entry) = entry {
+            check(regs::setup_long_mode(&vcpu, entry.entry, entry.zero_page))?;
+        }
+        Ok(vcpu)
+    }
+
+    fn spawn_vcpu(&mut self, id: u8, vcpu: VcpuFd) -> Result<(), VmError> {
+        let events = self
+            .vcpu_setup
+            .as_ref()
+            .expect("spawn_vcpu is only called after start()")
+            .events
+            .clone();
+        let ctx = VcpuContext {
+            pio_bus: self.pio_bus.clone(),
+            mmio_bus: self.mmio_bus.clone(),
+            events,
+            started: PROCESS_START.get().copied(),
+        };
+        let h = VcpuHandle::spawn(id, vcpu, ctx).map_err(|e| VmError::VcpuThread(id, e))?;
+        self.vcpus.push(h);
+        Ok(())
+    }
+
+    /// Set up ACPI hot-plug: the controller ports and the GED interrupt.
+    fn enable_hotplug(&mut self, layout: HotplugLayout) -> Result<(), VmError> {
+        let ged = EventFd::new(EFD_NONBLOCK)
+            .map_err(|e| VmError::Device("the hot-plug event device", e.to_string()))?;
+        self.vm_fd
+            .register_irqfd(&ged, hotplug::GED_GSI)
+            .map_err(|e| VmError::KvmCall("KVM_IRQFD (hot-plug event)", e))?;
+        let (controller, state) = HotplugController::new(&layout);
+        let controller = Arc::new(Mutex::new(controller));
+        insert(
+            &self.pio_bus,
+            controller.clone(),
+            u64::from(hotplug::CPU_PORT),
+            u64::from(layout.max_cpus),
+            "the vCPU hot-plug controller",
+        )?;
+        if !layout.mem_blocks.is_empty() {
+            insert(
+                &self.pio_bus,
+                controller,
+                u64::from(hotplug::MEM_PORT),
+                layout.mem_blocks.len() as u64,
+                "the RAM hot-plug controller",
+            )?;
+        }
+        self.max_cpus = layout.max_cpus;
+        let mapped = vec![false; layout.mem_blocks.len()];
+        self.hotplug = Some(VmHotplug {
+            layout,
+            state,
+            ged,
+            mapped,
+        });
+        Ok(())
+    }
+
+    fn hotplug_state(&self) -> Option<std::sync::MutexGuard<'_, HotplugState>> {
+        self.hotplug
+            .as_ref()
+            .map(|h| h.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Ask the guest to have `desired` vCPUs: new ones are created (or ejected ones reused)
+    /// and announced; the highest ones above `desired` are asked to leave. Returns once the
+    /// guest has been notified.
+    pub fn resize_vcpus(&mut self, desired: u8) -> Result<(), ResizeError> {
+        let Some(max) = self.hotplug.as_ref().map(|h| h.layout.max_cpus) else {
+            if desired == self.cpus {
+                return Ok(());
+            }
+            return Err(ResizeError::NoHotplug("vCPUs", "max_cpus"));
+        };
+        if desired > max {
+            return Err(ResizeError::Invalid(format!(
+                "desired_vcpus {desired} is above max_cpus {max}"
+            )));
+        }
+        let flags: Vec<u8> = self
+            .hotplug_state()
+            .map(|s| s.cpus.clone())
+            .unwrap_or_default();
+        let mut changed = false;
+        for id in 0..max {
+            let flag = flags[usize::from(id)];
+            let present = flag & hotplug::PRESENT != 0;
+            if id < desired && !present {
+                if usize::from(id) >= self.vcpus.len() {
+                    let vcpu = self
+                        .create_vcpu(id, None)
+                        .map_err(|e| ResizeError::Failed(e.to_string()))?;
+                    self.spawn_vcpu(id, vcpu)
+                        .map_err(|e| ResizeError::Failed(e.to_string()))?;
+                }
+                if let Some(mut s) = self.hotplug_state() {
+                    s.cpus[usize::from(id)] = hotplug::PRESENT | hotplug::INSERT;
+                }
+                changed = true;
+            } else if id >= desired && present && flag & hotplug::REMOVE == 0 {
+                if let Some(mut s) = self.hotplug_state() {
+                    let f = &mut s.cpus[usize::from(id)];
+                    *f = (*f & !hotplug::INSERT) | hotplug::REMOVE;
+                }
+                changed = true;
+            }
+        }
+        if changed {
+            self.notify_hotplug();
+        }
+        Ok(())
+    }
+
+    /// Grow guest RAM to `desired` bytes by whole hot-plug blocks: each block is mapped, given
+    /// to KVM and to every vhost-user daemon, and only then announced to the guest. Returns
+    /// once the guest has been notified.
+    pub fn resize_memory(&mut self, desired: u64) -> Result<(), ResizeError> {
+        let now = self.memory_size();
+        if desired < now {
+            return Err(ResizeError::NotSupported("memory unplug".into()));
+        }
+        if desired == now {
+            return Ok(());
+        }
+        let Some((blocks, block)) = self
+            .hotplug
+            .as_ref()
+            .filter(|h| !h.layout.mem_blocks.is_empty())
+            .map(|h| (h.layout.mem_blocks.clone(), h.layout.block_size()))
+        else {
+            return Err(ResizeError::NoHotplug("RAM", "max_memory"));
+        };
+        if !(desired - now).is_multiple_of(block) {
+            return Err(ResizeError::Invalid(format!(
+                "desired_ram {desired} must be the current size ({now} bytes) plus a multiple \
+                 of the {} MiB hot-plug block",
+                block >> 20
+            )));
+        }
+        let wanted = ((desired - now) / block) as usize;
+        let flags: Vec<u8> = self
+            .hotplug_state()
+            .map(|s| s.mem.clone())
+            .unwrap_or_default();
+        let free: Vec<usize> = (0..blocks.len())
+            .filter(|&i| flags[i] & hotplug::PRESENT == 0)
+            .collect();
+        if wanted > free.len() {
+            let max = now + free.len() as u64 * block;
+            return Err(ResizeError::Invalid(format!(
+                "desired_ram {desired} is above max_memory ({max} bytes)"
+            )));
+        }
+        for &i in free.iter().take(wanted) {
+            let (start, len) = blocks[i];
+            let mapped = self.hotplug.as_ref().is_some_and(|h| h.mapped[i]);
+            if !mapped {
+                let slot = FIRST_HOTPLUG_SLOT + i as u32;
+                let region = self
+                    .ram
+                    .add_block(&self.vm_fd, slot, start, len, self.hugepages)
+                    .map_err(|e| ResizeError::Failed(e.to_string()))?;
+                if let Some(h) = self.hotplug.as_mut() {
+                    h.mapped[i] = true;
+                }
+                log::info!(
+                    "RAM block {i}: {} MiB at {start:#x} (KVM slot {slot})",
+                    len >> 20
+                );
+                if let Some(d) = self.devices.as_mut() {
+                    d.add_memory_region(&region)
+                        .map_err(|e| ResizeError::Failed(format!("RAM block {i}: {e}")))?;
+                }
+            }
+            if let Some(mut s) = self.hotplug_state() {
+                s.mem[i] = hotplug::PRESENT | hotplug::INSERT;
+            }
+        }
+        self.notify_hotplug();
+        Ok(())
+    }
+
+    /// Pulse the GED interrupt: the guest scans the controller.
+    fn notify_hotplug(&self) {
+        if let Some(h) = &self.hotplug {
+            if let Err(e) = h.ged.write(1) {
+                log::warn!("cannot signal the hot-plug event: {e}");
+            }
+        }
     }
 
     /// Stop all vCPUs (they leave KVM_RUN and wait) and save kvmclock, so that the guest's
@@ -430,9 +683,9 @@ impl Vm {
         self.paused
     }
 
-    /// vCPUs the guest has.
+    /// vCPUs the guest has: with hot-plug, those present and not ejected.
     pub fn cpus(&self) -> u8 {
-        self.cpus
+        self.hotplug_state().map_or(self.cpus, |s| s.present_cpus())
     }
 
     /// Guest RAM in bytes.
@@ -898,23 +1151,14 @@ impl Vmm {
             *config = next;
             return Ok(());
         };
+        // A reboot keeps what the guest was resized to.
         if let Some(cpus) = resize.desired_vcpus {
-            if cpus != vm.cpus() {
-                return Err(ApiError::NotSupported(
-                    "vCPU hot-plug and unplug of a running VM".into(),
-                ));
-            }
+            vm.resize_vcpus(cpus)?;
+            config.cpus = cpus;
         }
         if let Some(ram) = resize.desired_ram {
-            let now = vm.memory_size();
-            if ram < now {
-                return Err(ApiError::NotSupported("memory unplug".into()));
-            }
-            if ram > now {
-                return Err(ApiError::NotSupported(
-                    "memory hot-plug of a running VM".into(),
-                ));
-            }
+            vm.resize_memory(ram)?;
+            config.memory = ram;
         }
         Ok(())
     }

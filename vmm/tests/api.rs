@@ -474,12 +474,13 @@ fn a_guest_boots_pauses_resumes_reboots_shuts_down_and_boots_again() {
     assert_eq!(vmm.put("vm.resume", "").status, 204);
     wait_growth(&serial, paused_at, "resume");
 
-    // Hot-plug is not there yet: a clear 501, and the VM runs on.
+    // Created without max_cpus/max_memory: nothing to grow into; shrinking RAM is 501.
     assert_error(
         &vmm.put("vm.resize", r#"{"desired_vcpus": 2}"#),
-        501,
-        "not supported yet",
+        400,
+        "created without max_cpus",
     );
+    assert_eq!(vmm.put("vm.resize", r#"{"desired_vcpus": 1}"#).status, 204);
     assert_error(
         &vmm.put("vm.resize", r#"{"desired_ram": 8388608}"#),
         501,
@@ -584,4 +585,99 @@ fn a_guest_power_off_ends_an_api_vmm_with_status_0() {
     let out = vmm.wait();
     exited_ok(out.status, &out);
     assert!(!sock.exists());
+}
+
+/// A guest that plays the OS side of vCPU unplug: it polls vCPU 1's hot-plug byte and, when
+/// asked to give the vCPU back, acknowledges and ejects it (what Linux's `_EJ0` does).
+fn ejector() -> Asm {
+    // loop: mov dx, 0xa01; in al, dx; test al, REMOVE; jz loop; mov al, REMOVE|EJECT;
+    //       out dx, al; jmp loop
+    Asm::new()
+        .mov_dx(0xa01)
+        .in_al()
+        .raw(&[0xa8, 0x04, 0x74, 0xf7])
+        .mov_al(0x0c)
+        .out_al()
+        .raw(&[0xeb, 0xf2])
+}
+
+#[test]
+fn a_running_guest_gets_vcpus_and_ram_hot_plugged() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let kernel = write_kernel(dir.path(), "ejector.elf", &ejector());
+    let vmm = Vmm::start(&sock, &[]);
+    let config = serde_json::json!({
+        "kernel": kernel, "memory": "16M", "max_memory": "272M", "cpus": 1, "max_cpus": 3,
+        "serial": "off",
+    });
+    assert_eq!(vmm.put("vm.create", &config.to_string()).status, 204);
+    assert_eq!(vmm.put("vm.boot", "").status, 204);
+    let info = |what: &str| json(&vmm.get("vm.info"))[what].as_u64().unwrap();
+    assert_eq!((info("cpus"), info("memory")), (1, 16 << 20));
+
+    // Grow to 3 vCPUs: created in KVM and present at once (the guest onlines them itself).
+    assert_eq!(vmm.put("vm.resize", r#"{"desired_vcpus": 3}"#).status, 204);
+    assert_eq!(info("cpus"), 3);
+    assert_eq!(json(&vmm.get("vm.info"))["config"]["cpus"], 3);
+    assert_error(
+        &vmm.put("vm.resize", r#"{"desired_vcpus": 4}"#),
+        400,
+        "above max_cpus 3",
+    );
+    // Shrink to 1: vCPU 2 stays until the guest ejects it (this one never does), vCPU 1 is
+    // ejected by the guest program.
+    assert_eq!(vmm.put("vm.resize", r#"{"desired_vcpus": 1}"#).status, 204);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while info("cpus") != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the guest's eject of vCPU 1 was not seen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And back: the ejected vCPU is plugged again.
+    assert_eq!(vmm.put("vm.resize", r#"{"desired_vcpus": 3}"#).status, 204);
+    assert_eq!(info("cpus"), 3);
+
+    // RAM: 256 MiB of room in two 128 MiB blocks (16 divides 2 granules: 2 blocks).
+    assert_error(
+        &vmm.put("vm.resize", r#"{"desired_ram": 100663296}"#),
+        400,
+        "plus a multiple of the 128 MiB hot-plug block",
+    );
+    let plus_one = (16 << 20) + (128 << 20);
+    let r = vmm.put("vm.resize", &format!(r#"{{"desired_ram": {plus_one}}}"#));
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(info("memory"), plus_one);
+    assert_error(
+        &vmm.put(
+            "vm.resize",
+            &format!(r#"{{"desired_ram": {}}}"#, plus_one + (256 << 20)),
+        ),
+        400,
+        "above max_memory",
+    );
+    assert_error(
+        &vmm.put("vm.resize", r#"{"desired_ram": 16777216}"#),
+        501,
+        "not supported yet: memory unplug",
+    );
+    let full = (16 << 20) + (256 << 20);
+    assert_eq!(
+        vmm.put("vm.resize", &format!(r#"{{"desired_ram": {full}}}"#))
+            .status,
+        204
+    );
+    assert_eq!(info("memory"), full);
+
+    // A reboot starts with what the VM was resized to.
+    assert_eq!(vmm.put("vm.reboot", "").status, 204);
+    assert_eq!((info("cpus"), info("memory")), (3, full));
+    assert_eq!(vmm.put("vmm.shutdown", "").status, 204);
+    let out = vmm.wait();
+    exited_ok(out.status, &out);
 }

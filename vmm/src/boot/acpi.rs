@@ -4,13 +4,15 @@
 //! PCI host bridge (so Linux scans bus 0 through ports 0xCF8/0xCFC and accepts the BAR window)
 //! and the `_S5` sleep type. The FADT points at the PM1 registers of
 //! [`crate::devices::legacy::AcpiPm`], through which Linux's `poweroff` reaches the VMM, and at
-//! the i8042 port as the reset register. CPU hotplug would add processor devices to the DSDT
-//! and "online capable" MADT entries; nothing here needs to change shape for that.
+//! the i8042 port as the reset register. With hot-plug ([`HotplugLayout`]) the MADT lists
+//! every possible vCPU (those not there at boot "online capable") and the DSDT gets the
+//! processor, memory and event devices of [`crate::hotplug`].
 
 use vm_memory::{Bytes, GuestAddress};
 
 use super::BootError;
 use crate::devices::legacy::pm::{PM1_CNT_LEN, PM1_EVT_LEN, S5_SLEEP_TYPE};
+use crate::hotplug::HotplugLayout;
 use crate::layout::*;
 use crate::memory::GuestMemoryMmap;
 
@@ -197,7 +199,7 @@ mod aml {
     pub const END_TAG: [u8; 2] = [0x79, 0x00];
 }
 
-fn dsdt() -> Vec<u8> {
+fn dsdt(hotplug: &HotplugLayout) -> Vec<u8> {
     let mut crs = Vec::new();
     crs.extend(aml::word_range(2, 0, 0, 0)); // bus 0
     crs.extend(aml::io(0xcf8, 8));
@@ -215,7 +217,9 @@ fn dsdt() -> Vec<u8> {
     pci0.extend(aml::name(b"_UID", vec![aml::ZERO]));
     pci0.extend(aml::name(b"_BBN", vec![aml::ZERO]));
     pci0.extend(aml::name(b"_CRS", aml::buffer(&crs)));
-    let sb = aml::scope(b"\\_SB_", &aml::device(b"PCI0", &pci0));
+    let mut sb_body = aml::device(b"PCI0", &pci0);
+    sb_body.extend(hotplug.aml());
+    let sb = aml::scope(b"\\_SB_", &sb_body);
 
     let s5 = aml::name(
         b"_S5_",
@@ -298,13 +302,15 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     t.finish()
 }
 
-fn madt(cpus: u8) -> Vec<u8> {
+fn madt(cpus: u8, max_cpus: u8) -> Vec<u8> {
     const PCAT_COMPAT: u32 = 1;
     const ENABLED: u32 = 1;
+    const ONLINE_CAPABLE: u32 = 2;
     let mut t = Sdt::new(b"APIC", 5);
     t.u32(LAPIC_START as u32).u32(PCAT_COMPAT);
-    for id in 0..cpus {
-        t.u8(0).u8(8).u8(id).u8(id).u32(ENABLED);
+    for id in 0..cpus.max(max_cpus) {
+        let flags = if id < cpus { ENABLED } else { ONLINE_CAPABLE };
+        t.u8(0).u8(8).u8(id).u8(id).u32(flags);
     }
     t.u8(1).u8(12).u8(0).u8(0).u32(IOAPIC_START as u32).u32(0);
     // The SCI is level-triggered, active high.
@@ -335,7 +341,10 @@ fn rsdp(xsdt: u64) -> Vec<u8> {
 }
 
 /// Write all tables at [`ACPI_START`]; returns the RSDP address.
-pub fn create_acpi_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<u64, BootError> {
+pub fn create_acpi_tables(
+    mem: &GuestMemoryMmap,
+    hotplug: &HotplugLayout,
+) -> Result<u64, BootError> {
     let mut next = ACPI_START + 64; // the RSDP goes first, at a 16-byte boundary
     let mut place = |bytes: &[u8]| -> Result<u64, BootError> {
         let addr = next;
@@ -345,9 +354,9 @@ pub fn create_acpi_tables(mem: &GuestMemoryMmap, cpus: u8) -> Result<u64, BootEr
         Ok(addr)
     };
     let facs = place(&facs())?;
-    let dsdt = place(&dsdt())?;
+    let dsdt = place(&dsdt(hotplug))?;
     let fadt = place(&fadt(facs, dsdt))?;
-    let madt = place(&madt(cpus))?;
+    let madt = place(&madt(hotplug.boot_cpus, hotplug.max_cpus))?;
     let mut xsdt = Sdt::new(b"XSDT", 1);
     xsdt.u64(fadt).u64(madt);
     let xsdt = place(&xsdt.finish())?;
@@ -365,7 +374,23 @@ mod tests {
 
     #[test]
     fn tables_have_valid_checksums_and_lengths() {
-        for t in [dsdt(), fadt(0x1000, 0x2000), madt(4)] {
+        let hotplug = HotplugLayout {
+            boot_cpus: 2,
+            max_cpus: 4,
+            mem_blocks: vec![(4 << 30, 128 << 20)],
+        };
+        let none = HotplugLayout {
+            boot_cpus: 4,
+            max_cpus: 4,
+            mem_blocks: vec![],
+        };
+        for t in [
+            dsdt(&none),
+            dsdt(&hotplug),
+            fadt(0x1000, 0x2000),
+            madt(4, 4),
+            madt(2, 4),
+        ] {
             assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
             assert_eq!(
                 u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
@@ -373,7 +398,14 @@ mod tests {
             );
         }
         assert_eq!(fadt(0, 0).len(), 276, "ACPI 6 FADT size");
-        assert_eq!(madt(2).len(), 44 + 2 * 8 + 12 + 10 + 6);
+        assert_eq!(madt(2, 2).len(), 44 + 2 * 8 + 12 + 10 + 6);
+        let m = madt(2, 3);
+        assert_eq!(m.len(), 44 + 3 * 8 + 12 + 10 + 6);
+        assert_eq!(
+            &m[44 + 8..44 + 24],
+            &[0, 8, 1, 1, 1, 0, 0, 0, 0, 8, 2, 2, 2, 0, 0, 0]
+        );
+        assert!(dsdt(&hotplug).len() > dsdt(&none).len() + 200);
         let r = rsdp(0x1234);
         assert_eq!(r[..20].iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         assert_eq!(r.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);

@@ -101,7 +101,7 @@ pub fn load_linux(
     kernel: &Path,
     initramfs: Option<&Path>,
     cmdline: &str,
-    cpus: u8,
+    hotplug: &crate::hotplug::HotplugLayout,
 ) -> Result<BootEntry, BootError> {
     let mut file = File::open(kernel).map_err(|e| BootError::KernelFile(kernel.into(), e))?;
     let elf = is_elf(&mut file).map_err(|e| BootError::KernelFile(kernel.into(), e))?;
@@ -154,7 +154,7 @@ pub fn load_linux(
         hdr.ramdisk_size = size as u32;
     }
 
-    let rsdp = acpi::create_acpi_tables(mem, cpus)?;
+    let rsdp = acpi::create_acpi_tables(mem, hotplug)?;
     let mut params = boot_params {
         hdr,
         acpi_rsdp_addr: rsdp,

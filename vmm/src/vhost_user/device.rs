@@ -681,6 +681,48 @@ impl VhostUserDevice {
             .collect()
     }
 
+    /// Give the daemon a RAM region hot-plugged into the guest (already in `self.mem`), before
+    /// the guest is told about it: ADD_MEM_REG, or the whole table again for a daemon without
+    /// CONFIGURE_MEM_SLOTS. A daemon that has no table yet (rings not started) or is away gets
+    /// the whole table, region included, when its rings start.
+    pub fn add_memory_region(
+        &mut self,
+        region: &vm_memory::GuestRegionMmap<()>,
+    ) -> Result<(), VhostUserError> {
+        if self.active.is_none() {
+            return Ok(());
+        }
+        let table = self.mem_table()?;
+        let path = self.socket.clone();
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        let result = if conn
+            .protocol
+            .contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+        {
+            let info = VhostUserMemoryRegionInfo::from_guest_region(region)
+                .map_err(|_| VhostUserError::MemoryNotShared(region.start_addr().raw_value()))?;
+            conn.frontend
+                .add_mem_region(&info)
+                .map(|_| ())
+                .map_err(request_err("ADD_MEM_REG", &path))
+        } else {
+            conn.frontend
+                .set_mem_table(&table)
+                .map(|_| ())
+                .map_err(request_err("SET_MEM_TABLE", &path))
+        };
+        if let Err(e) = &result {
+            if is_connection_error(e) {
+                // The reconnect sends the whole table.
+                self.disconnect("lost while adding guest memory");
+                return Ok(());
+            }
+        }
+        result
+    }
+
     /// Send features, memory table and every queue of `active`, then enable the queues.
     /// After a reconnect (`kick`) each queue is kicked so the daemon looks at work the guest
     /// queued while it was away.

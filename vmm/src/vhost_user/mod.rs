@@ -19,9 +19,9 @@
 //! Requests in flight when the daemon died are resubmitted from the used index on (block
 //! requests may run twice); exact resumption needs VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, which
 //! fits here later: the inflight fd would be kept in `ActiveState` and re-sent on reconnect.
-//! Likewise live migration (SET_LOG_BASE, device state) and memory hot-add (ADD_MEM_REG,
-//! CONFIGURE_MEM_SLOTS is already negotiated) slot into `VhostUserDevice` next to
-//! `start_rings`.
+//! Likewise live migration (SET_LOG_BASE, device state) slots into `VhostUserDevice` next to
+//! `start_rings`. Hot-plugged RAM reaches running daemons through ADD_MEM_REG
+//! (`DeviceManager::add_memory_region`), or a new SET_MEM_TABLE without CONFIGURE_MEM_SLOTS.
 
 mod device;
 #[cfg(test)]
@@ -174,6 +174,25 @@ impl DeviceManager {
     /// Whether every daemon is connected (for status reporting).
     pub fn all_connected(&self) -> bool {
         self.devices.iter().all(|d| lock(d).is_connected())
+    }
+
+    /// Give every daemon a RAM region hot-plugged into the guest (see
+    /// [`VhostUserDevice::add_memory_region`]); the first failure is returned after all were
+    /// tried.
+    pub fn add_memory_region(
+        &mut self,
+        region: &vm_memory::GuestRegionMmap<()>,
+    ) -> Result<(), VhostUserError> {
+        let mut result = Ok(());
+        for device in &self.devices {
+            if let Err(e) = lock(device).add_memory_region(region) {
+                log::error!("{e}");
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        result
     }
 
     /// Stop every device's rings and disconnect from the daemons.
