@@ -25,6 +25,7 @@ mod daemon;
 mod error;
 mod frontend;
 mod guest;
+pub mod net;
 mod queue;
 
 pub use daemon::{binary, cpu_time, Daemon};
