@@ -366,7 +366,7 @@ fn main() -> ExitCode {
     let workloads: Vec<Workload> = [false, true]
         .iter()
         .flat_map(|&write| {
-            [(1, 1), (32, 1), (32, QUEUES)].map(|(depth, queues)| Workload {
+            [(1, 1), (32, 1), (1, QUEUES), (32, QUEUES)].map(|(depth, queues)| Workload {
                 write,
                 depth,
                 queues,
@@ -402,34 +402,20 @@ fn main() -> ExitCode {
             peer_sock.display()
         ));
 
-    let ours_fig = match bench_daemon(
-        "vhost-user-block",
-        &mut ours,
-        &ours_sock,
-        &args,
-        &workloads,
-        blocks,
-    ) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("bench-block: {e}");
-            return ExitCode::FAILURE;
+    let mut figures = Vec::new();
+    for (label, cmd, socket) in [
+        ("vhost-user-block", &mut ours, &ours_sock),
+        ("qemu-storage-daemon", &mut peer, &peer_sock),
+    ] {
+        match bench_daemon(label, cmd, socket, &args, &workloads, blocks) {
+            Ok(f) => figures.push(f),
+            Err(e) => {
+                eprintln!("bench-block: {e}");
+                return ExitCode::FAILURE;
+            }
         }
-    };
-    let peer_fig = match bench_daemon(
-        "qemu-storage-daemon",
-        &mut peer,
-        &peer_sock,
-        &args,
-        &workloads,
-        blocks,
-    ) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("bench-block: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    }
+    let (ours_fig, peer_fig) = (&figures[0], &figures[1]);
 
     println!(
         "\n4 KiB random I/O, {} MiB image in {}{}, {} s per workload, EVENT_IDX {}; ours = vhost-user-block, qsd = qemu-storage-daemon",
@@ -453,7 +439,7 @@ fn main() -> ExitCode {
         "ratio"
     );
     let mut errors = 0;
-    for ((w, o), p) in workloads.iter().zip(&ours_fig).zip(&peer_fig) {
+    for ((w, o), p) in workloads.iter().zip(ours_fig).zip(peer_fig) {
         errors += o.errors + p.errors;
         println!(
             "{:<20} {:>9.0} {:>9.0} {:>6} | {:>15} {:>15} {:>6} | {:>9.0} {:>9.0} {:>6}",
