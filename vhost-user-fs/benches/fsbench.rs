@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use frontend::Session;
 use vhost_user_fs::fuse::abi::{self, init_flags as f, opcode as op, ROOT_ID};
-use vm_memory::{ByteValued, Bytes, GuestAddress};
+use vm_memory::ByteValued;
 
 fn name(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
@@ -175,10 +175,7 @@ fn main() {
     let reply = s.guest.alloc(16 + (1 << 20));
     // fuse_write_in.offset / fuse_read_in.offset sit 8 bytes into the body.
     let set_offset = |s: &Session, req: (u64, usize), off: u64| {
-        s.guest
-            .mem
-            .write_obj(off, GuestAddress(req.0 + 40 + 8))
-            .unwrap();
+        s.guest.write_obj(req.0 + 40 + 8, off);
     };
     let t = Instant::now();
     for i in 0..mib {

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use frontend::{Daemon, Desc, Session, DESC_NEXT, DESC_WRITE};
 use vhost_user_fs::fuse::abi::{self, opcode as op, ROOT_ID};
-use vm_memory::{ByteValued, Bytes, GuestAddress};
+use vm_memory::ByteValued;
 
 struct Fx {
     _tmp: tempfile::TempDir,
@@ -88,7 +88,7 @@ fn create(s: &mut Session, parent: u64, n: &str) -> (u64, u64) {
 fn config_space_has_tag_and_queue_count() {
     let fx = start(&[]);
     let mut s = Session::connect(&fx.sock, 3);
-    let c = s.config(40);
+    let c = s.config(0, 40).unwrap();
     assert_eq!(&c[..7], b"testtag");
     assert!(c[7..36].iter().all(|&b| b == 0));
     assert_eq!(u32::from_le_bytes(c[36..40].try_into().unwrap()), 2);
@@ -298,9 +298,8 @@ fn hostile_chains_and_requests_are_answered_and_serving_continues() {
     // LOOKUP of "..": never resolves.
     assert_ne!(s.request(op::LOOKUP, ROOT_ID, &name(".."), 4096).errno, 0);
 
-    let g = &s.guest;
-    let req = 0x20_0000u64;
-    let reply = 0x30_0000u64;
+    let req = s.guest.alloc(4096);
+    let reply = s.guest.alloc(4096);
     let lying = abi::InHeader {
         len: 100_000,
         opcode: op::GETATTR,
@@ -308,118 +307,32 @@ fn hostile_chains_and_requests_are_answered_and_serving_continues() {
         nodeid: ROOT_ID,
         ..Default::default()
     };
-    g.mem
-        .write_slice(lying.as_slice(), GuestAddress(req))
-        .unwrap();
+    s.guest.write(req, lying.as_slice());
     // Claimed length larger than the chain: EINVAL reply.
-    let used = s.queues[1].run(
-        g,
-        &[
-            Desc {
-                addr: req,
-                len: 56,
-                flags: 0,
-            },
-            Desc {
-                addr: reply,
-                len: 64,
-                flags: DESC_WRITE,
-            },
-        ],
-    );
+    let used = s.run_chain(1, &[Desc::readable(req, 56), Desc::writable(reply, 64)]);
     assert_eq!(used, 16);
-    let oh: abi::OutHeader = g.mem.read_obj(GuestAddress(reply)).unwrap();
+    let oh: abi::OutHeader = s.guest.read_obj(reply);
     assert_eq!((oh.error, oh.unique), (-libc::EINVAL, 5));
     // Header shorter than 40 bytes.
-    let used = s.queues[1].run(
-        g,
-        &[
-            Desc {
-                addr: req,
-                len: 10,
-                flags: 0,
-            },
-            Desc {
-                addr: reply,
-                len: 64,
-                flags: DESC_WRITE,
-            },
-        ],
-    );
+    let used = s.run_chain(1, &[Desc::readable(req, 10), Desc::writable(reply, 64)]);
     assert_eq!(used, 16);
     // Readable after writable: returned with nothing written.
-    let used = s.queues[1].run(
-        g,
-        &[
-            Desc {
-                addr: reply,
-                len: 64,
-                flags: DESC_WRITE,
-            },
-            Desc {
-                addr: req,
-                len: 56,
-                flags: 0,
-            },
-        ],
-    );
+    let used = s.run_chain(1, &[Desc::writable(reply, 64), Desc::readable(req, 56)]);
     assert_eq!(used, 0);
     // Buffers outside guest memory.
-    let used = s.queues[1].run(
-        g,
-        &[
-            Desc {
-                addr: 1 << 40,
-                len: 56,
-                flags: 0,
-            },
-            Desc {
-                addr: reply,
-                len: 64,
-                flags: DESC_WRITE,
-            },
-        ],
-    );
+    let used = s.run_chain(1, &[Desc::readable(1 << 40, 56), Desc::writable(reply, 64)]);
     assert_eq!(used, 16);
-    let used = s.queues[1].run(
-        g,
-        &[
-            Desc {
-                addr: req,
-                len: 56,
-                flags: 0,
-            },
-            Desc {
-                addr: u64::MAX - 8,
-                len: 64,
-                flags: DESC_WRITE,
-            },
-        ],
+    let used = s.run_chain(
+        1,
+        &[Desc::readable(req, 56), Desc::writable(u64::MAX - 8, 64)],
     );
     assert_eq!(used, 0);
-    // A looping chain (descriptor 1 points back to 0).
-    s.queues[1].post_raw(
-        g,
-        &[
-            (
-                Desc {
-                    addr: req,
-                    len: 56,
-                    flags: DESC_NEXT,
-                },
-                1,
-            ),
-            (
-                Desc {
-                    addr: reply,
-                    len: 64,
-                    flags: DESC_WRITE | DESC_NEXT,
-                },
-                0,
-            ),
-        ],
-    );
-    let _ = s.queues[1].wait_used(g);
+    // A looping chain (descriptor 101 points back to 100).
+    let mem = s.guest.mem().clone();
+    s.queues[1].write_desc(&mem, 100, req, 56, DESC_NEXT, 101);
+    s.queues[1].write_desc(&mem, 101, reply, 64, DESC_WRITE | DESC_NEXT, 100);
+    s.queues[1].publish(&mem, 100);
+    let _ = s.wait_or_disconnect(1, std::time::Duration::from_secs(20));
 
     // Still serving, on both request queues.
     for q in [1, 2] {

@@ -1,216 +1,20 @@
-//! A minimal virtio-fs driver for socket-level tests and the benchmark: memfd guest memory
-//! shared with the daemon, split virtqueues, and FUSE requests posted as descriptor chains.
+//! The virtio-fs driver of the socket tests and the benchmark: FUSE requests posted as
+//! descriptor chains through the workspace's mock frontend (`vhost-user-test`).
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{fence, Ordering};
-use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_user_fs::fuse::abi::{InHeader, OutHeader};
-use vm_memory::{ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vhost_user_test::{Completion, Options};
+use vm_memory::ByteValued;
 
-pub const F_VERSION_1: u64 = 1 << 32;
-pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
-pub const DESC_NEXT: u16 = 1;
-pub const DESC_WRITE: u16 = 2;
-
-/// Guest memory: queues in the first MiB, then a bump allocator for buffers.
-pub const MEM_SIZE: usize = 64 << 20;
-const DATA_START: u64 = 1 << 20;
-const QUEUE_SIZE: u16 = 256;
+pub use vhost_user_test::{Daemon, Desc, DESC_F_NEXT as DESC_NEXT, DESC_F_WRITE as DESC_WRITE};
 
 /// The daemon under test.
 pub fn daemon_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vhost-user-fs"))
-}
-
-/// A daemon process, SIGTERMed when dropped.
-pub struct Daemon {
-    pub child: Child,
-}
-
-impl Daemon {
-    /// Run `cmd` and wait for `socket` to appear.
-    pub fn spawn(cmd: &mut Command, socket: &Path) -> Daemon {
-        let child = cmd.stdin(Stdio::null()).spawn().expect("start daemon");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "{} never appeared",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        Daemon { child }
-    }
-
-    /// Whether the process is still running.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: signal to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-/// Guest memory in a memfd.
-pub struct Guest {
-    pub mem: GuestMemoryMmap,
-    file: File,
-    next: u64,
-}
-
-impl Guest {
-    fn new() -> Guest {
-        // SAFETY: static NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"fs-guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create");
-        // SAFETY: fresh descriptor we own.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(MEM_SIZE as u64).unwrap();
-        let mem = GuestMemoryMmap::from_ranges_with_files([(
-            GuestAddress(0),
-            MEM_SIZE,
-            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-        )])
-        .unwrap();
-        Guest {
-            mem,
-            file,
-            next: DATA_START,
-        }
-    }
-
-    /// A buffer of `len` bytes; wraps around (callers keep only a few requests in flight).
-    pub fn alloc(&mut self, len: usize) -> u64 {
-        let len = (len as u64 + 63) & !63;
-        if self.next + len > MEM_SIZE as u64 {
-            self.next = DATA_START;
-        }
-        let at = self.next;
-        self.next += len;
-        at
-    }
-
-    fn region(&self) -> VhostUserMemoryRegionInfo {
-        VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: self.mem.get_host_address(GuestAddress(0)).unwrap() as u64,
-            mmap_offset: 0,
-            mmap_handle: self.file.as_raw_fd(),
-        }
-    }
-}
-
-/// One descriptor to post.
-#[derive(Clone, Copy, Debug)]
-pub struct Desc {
-    pub addr: u64,
-    pub len: u32,
-    pub flags: u16,
-}
-
-/// The driver side of one split virtqueue.
-pub struct Queue {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    avail_idx: u16,
-    last_used: u16,
-    pub kick: EventFd,
-    pub call: EventFd,
-}
-
-impl Queue {
-    fn new(index: usize) -> Queue {
-        let base = index as u64 * 0x4000;
-        Queue {
-            desc: base,
-            avail: base + 16 * u64::from(QUEUE_SIZE),
-            used: base + 0x2000,
-            avail_idx: 0,
-            last_used: 0,
-            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        }
-    }
-
-    /// Write `descs` at table slots 0.. with `next` links exactly as given, publish slot 0.
-    pub fn post_raw(&mut self, g: &Guest, descs: &[(Desc, u16)]) {
-        for (i, (d, next)) in descs.iter().enumerate() {
-            let at = self.desc + 16 * i as u64;
-            g.mem.write_obj(d.addr, GuestAddress(at)).unwrap();
-            g.mem.write_obj(d.len, GuestAddress(at + 8)).unwrap();
-            g.mem.write_obj(d.flags, GuestAddress(at + 12)).unwrap();
-            g.mem.write_obj(*next, GuestAddress(at + 14)).unwrap();
-        }
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QUEUE_SIZE);
-        g.mem.write_obj(0u16, GuestAddress(slot)).unwrap();
-        fence(Ordering::SeqCst);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        g.mem
-            .write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
-        fence(Ordering::SeqCst);
-        self.kick.write(1).unwrap();
-    }
-
-    /// Post a chain (linked in order) and wait for it to be used; returns the used length.
-    pub fn run(&mut self, g: &Guest, chain: &[Desc]) -> u32 {
-        let linked: Vec<(Desc, u16)> = chain
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let mut d = *d;
-                if i + 1 < chain.len() {
-                    d.flags |= DESC_NEXT;
-                }
-                (d, (i + 1) as u16)
-            })
-            .collect();
-        self.post_raw(g, &linked);
-        self.wait_used(g)
-    }
-
-    /// Wait for the next used element; returns its length.
-    pub fn wait_used(&mut self, g: &Guest) -> u32 {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            fence(Ordering::SeqCst);
-            let idx: u16 = g.mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-            if idx != self.last_used {
-                let e = self.used + 4 + 8 * u64::from(self.last_used % QUEUE_SIZE);
-                let len: u32 = g.mem.read_obj(GuestAddress(e + 4)).unwrap();
-                self.last_used = self.last_used.wrapping_add(1);
-                return len;
-            }
-            assert!(Instant::now() < deadline, "daemon never used the chain");
-            let mut pfd = libc::pollfd {
-                fd: self.call.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, 100) };
-            let _ = self.call.read();
-        }
-    }
 }
 
 /// A FUSE reply: positive errno (0 = success) and payload.
@@ -221,76 +25,44 @@ pub struct Reply {
     pub used: u32,
 }
 
-/// A connected virtio-fs frontend: queue 0 is hiprio, 1.. are request queues.
+/// A connected virtio-fs frontend: queue 0 is hiprio, 1.. are request queues. Derefs to the
+/// harness session (guest memory, queues, config space).
 pub struct Session {
-    pub fe: Frontend,
-    pub guest: Guest,
-    pub queues: Vec<Queue>,
+    inner: vhost_user_test::Session,
     unique: u64,
+}
+
+impl Deref for Session {
+    type Target = vhost_user_test::Session;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.inner
+    }
 }
 
 impl Session {
     pub fn connect(socket: &Path, nqueues: usize) -> Session {
-        let guest = Guest::new();
-        let mut fe = Frontend::connect(socket, nqueues as u64).expect("connect");
-        fe.set_owner().unwrap();
-        let features = fe.get_features().unwrap() & (F_VERSION_1 | F_PROTOCOL_FEATURES);
-        fe.set_features(features).unwrap();
-        let proto = fe.get_protocol_features().unwrap();
-        fe.set_protocol_features(
-            proto
-                & (VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::REPLY_ACK),
-        )
-        .unwrap();
-        fe.set_mem_table(&[guest.region()]).unwrap();
-        let base = guest.mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-        let mut queues = Vec::new();
-        for i in 0..nqueues {
-            let q = Queue::new(i);
-            fe.set_vring_num(i, QUEUE_SIZE).unwrap();
-            fe.set_vring_addr(
-                i,
-                &VringConfigData {
-                    queue_max_size: QUEUE_SIZE,
-                    queue_size: QUEUE_SIZE,
-                    flags: 0,
-                    desc_table_addr: base + q.desc,
-                    used_ring_addr: base + q.used,
-                    avail_ring_addr: base + q.avail,
-                    log_addr: None,
-                },
-            )
-            .unwrap();
-            fe.set_vring_base(i, 0).unwrap();
-            fe.set_vring_call(i, &q.call).unwrap();
-            fe.set_vring_kick(i, &q.kick).unwrap();
-            fe.set_vring_enable(i, true).unwrap();
-            queues.push(q);
-        }
-        // A round trip: everything above was handled before the first kick.
-        fe.get_features().unwrap();
+        let opts = Options {
+            num_queues: nqueues,
+            ..Options::default()
+        };
         Session {
-            fe,
-            guest,
-            queues,
+            inner: vhost_user_test::Session::connect(socket, &opts).expect("connect"),
             unique: 0,
         }
     }
 
-    /// Config space bytes.
-    pub fn config(&mut self, len: u32) -> Vec<u8> {
-        let (_, data) = self
-            .fe
-            .get_config(
-                0,
-                len,
-                VhostUserConfigFlags::WRITABLE,
-                &vec![0u8; len as usize],
-            )
-            .unwrap();
-        data
+    /// Post `chain` on queue `q` and wait for it; returns the used length.
+    pub fn run_chain(&mut self, q: usize, chain: &[Desc]) -> u32 {
+        match self.inner.run(q, chain) {
+            Completion::Used(u) => u.len,
+            Completion::Disconnected => panic!("the daemon hung up"),
+        }
     }
 
     /// Send a FUSE request on queue `q`: header + `body` (split into readable descriptors of at
@@ -314,28 +86,9 @@ impl Session {
         };
         let mut req = h.as_slice().to_vec();
         req.extend_from_slice(body);
-        let req_addr = self.guest.alloc(req.len());
-        self.guest
-            .mem
-            .write_slice(&req, GuestAddress(req_addr))
-            .unwrap();
+        let req_addr = self.guest.put(&req);
         let reply_addr = self.guest.alloc(reply_cap);
-        let mut chain = Vec::new();
-        for (off, len) in pieces(req.len(), seg) {
-            chain.push(Desc {
-                addr: req_addr + off as u64,
-                len: len as u32,
-                flags: 0,
-            });
-        }
-        for (off, len) in pieces(reply_cap, seg) {
-            chain.push(Desc {
-                addr: reply_addr + off as u64,
-                len: len as u32,
-                flags: DESC_WRITE,
-            });
-        }
-        let used = self.queues[q].run(&self.guest, &chain);
+        let used = self.run_prepared(q, (req_addr, req.len()), reply_addr, reply_cap, seg);
         if used == 0 {
             return Reply {
                 errno: -1,
@@ -343,11 +96,7 @@ impl Session {
                 used,
             };
         }
-        let mut out = vec![0u8; used as usize];
-        self.guest
-            .mem
-            .read_slice(&mut out, GuestAddress(reply_addr))
-            .unwrap();
+        let out = self.guest.read(reply_addr, used as usize);
         let oh = *OutHeader::from_slice(&out[..16]).unwrap();
         assert_eq!(oh.unique, self.unique, "reply to another request");
         assert_eq!(oh.len, used, "header length disagrees with used length");
@@ -368,16 +117,9 @@ impl Session {
             nodeid,
             ..Default::default()
         };
-        let addr = self.guest.alloc(40 + body.len());
-        self.guest
-            .mem
-            .write_slice(h.as_slice(), GuestAddress(addr))
-            .unwrap();
-        self.guest
-            .mem
-            .write_slice(body, GuestAddress(addr + 40))
-            .unwrap();
-        (addr, 40 + body.len())
+        let mut req = h.as_slice().to_vec();
+        req.extend_from_slice(body);
+        (self.guest.put(&req), req.len())
     }
 
     /// Post a prepared request with `reply_cap` bytes of reply room at `reply_addr`, both
@@ -392,20 +134,12 @@ impl Session {
     ) -> u32 {
         let mut chain = Vec::new();
         for (off, len) in pieces(req.1, seg) {
-            chain.push(Desc {
-                addr: req.0 + off as u64,
-                len: len as u32,
-                flags: 0,
-            });
+            chain.push(Desc::readable(req.0 + off as u64, len as u32));
         }
         for (off, len) in pieces(reply_cap, seg) {
-            chain.push(Desc {
-                addr: reply_addr + off as u64,
-                len: len as u32,
-                flags: DESC_WRITE,
-            });
+            chain.push(Desc::writable(reply_addr + off as u64, len as u32));
         }
-        self.queues[q].run(&self.guest, &chain)
+        self.run_chain(q, &chain)
     }
 
     /// A request on request queue 1 with a single reply descriptor.
