@@ -32,7 +32,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::chain::{self, ChainError};
 use crate::control::{self, Control};
-use crate::host::{HostEnd, MAX_CLIENTS};
+use crate::host::{HostEnd, Listener, MAX_CLIENTS};
 use crate::port::{Port, PortConfig, PortError, ReadOutcome};
 
 /// virtio-console feature bits (virtio spec 5.3.3).
@@ -277,7 +277,9 @@ impl ConsoleBackend {
             HostEnd::Pty(p) => Some(p.window_size().unwrap_or((0, 0))),
             _ => None,
         };
-        let size_known = pty_size.is_some() || config.size.is_some();
+        // Telnet clients report their window size once attached.
+        let follows_clients = matches!(ports[0].host, HostEnd::Listen(Listener::Telnet(_), _));
+        let size_known = pty_size.is_some() || config.size.is_some() || follows_clients;
         let size = pty_size.or(config.size).unwrap_or((0, 0));
         let num_ports = ports.len();
         let num_queues = if num_ports > 1 { 2 * num_ports + 2 } else { 2 };
@@ -680,6 +682,12 @@ impl Device {
             // Stdin stays blocking (it is shared with the shell): one read per readiness event.
             let once = matches!(port.host, HostEnd::Stdio(_));
             while !port.input_full() && port.read_input(slot) == ReadOutcome::Read && !once {}
+            if let Some(size) = port.reported_size.take() {
+                // Only the console (port 0) has a size.
+                if p == 0 && size != self.size {
+                    self.set_size(size, vrings);
+                }
+            }
             self.fill_rx(p, vrings);
         }
         if self.tx_waiting[p] && !self.ports[p].output_blocked() {

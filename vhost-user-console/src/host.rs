@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
 
+use crate::telnet::{self, Telnet};
+
 /// Most clients attached to one socket or TCP port at a time.
 pub const MAX_CLIENTS: usize = 4;
 
@@ -29,6 +31,8 @@ pub enum HostSpec {
     Socket(PathBuf),
     /// A TCP port we listen on (loopback unless an address is given).
     Tcp(SocketAddr),
+    /// A TCP port whose clients speak telnet: their window size becomes the console size.
+    Telnet(SocketAddr),
     /// Nothing: output is only logged (see `--log`) and kept for replay.
     Null,
 }
@@ -36,7 +40,7 @@ pub enum HostSpec {
 /// A `--backend` value that cannot be understood.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "invalid backend '{0}': expected stdio, pty, null, socket=PATH or tcp=[ADDR:]PORT (loopback by default)"
+    "invalid backend '{0}': expected stdio, pty, null, socket=PATH, tcp=[ADDR:]PORT or telnet=[ADDR:]PORT (loopback by default)"
 )]
 pub struct BadHostSpec(String);
 
@@ -57,15 +61,19 @@ impl FromStr for HostSpec {
             .ok_or_else(bad)?;
         match kind {
             "socket" | "unix" if !arg.is_empty() => Ok(Self::Socket(PathBuf::from(arg))),
-            "tcp" => {
-                if let Ok(port) = arg.parse::<u16>() {
-                    return Ok(Self::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
-                }
-                arg.parse::<SocketAddr>().map(Self::Tcp).map_err(|_| bad())
-            }
+            "tcp" => tcp_addr(arg).map(Self::Tcp).ok_or_else(bad),
+            "telnet" => tcp_addr(arg).map(Self::Telnet).ok_or_else(bad),
             _ => Err(bad()),
         }
     }
+}
+
+/// `[ADDR:]PORT`, loopback when only a port is given.
+fn tcp_addr(arg: &str) -> Option<SocketAddr> {
+    if let Ok(port) = arg.parse::<u16>() {
+        return Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    arg.parse().ok()
 }
 
 impl fmt::Display for HostSpec {
@@ -75,6 +83,7 @@ impl fmt::Display for HostSpec {
             Self::Pty => write!(f, "pty"),
             Self::Socket(p) => write!(f, "socket={}", p.display()),
             Self::Tcp(a) => write!(f, "tcp={a}"),
+            Self::Telnet(a) => write!(f, "telnet={a}"),
             Self::Null => write!(f, "null"),
         }
     }
@@ -176,16 +185,27 @@ pub struct Client {
     pub last_progress: Instant,
     /// The client went away; it is closed once its epoll registration is removed.
     pub dead: bool,
+    /// The client speaks telnet.
+    pub telnet: Option<Telnet>,
 }
 
 impl Client {
-    fn new(conn: Conn, replay: impl IntoIterator<Item = u8>) -> io::Result<Self> {
+    fn new(conn: Conn, replay: impl IntoIterator<Item = u8>, telnet: bool) -> io::Result<Self> {
         conn.set_nonblocking()?;
+        let pending = if telnet {
+            let history: Vec<u8> = replay.into_iter().collect();
+            let mut pending = VecDeque::from(telnet::GREETING.to_vec());
+            pending.extend(telnet::escape(&history).iter());
+            pending
+        } else {
+            replay.into_iter().collect()
+        };
         Ok(Self {
             conn,
-            pending: replay.into_iter().collect(),
+            pending,
             last_progress: Instant::now(),
             dead: false,
+            telnet: telnet.then(Telnet::new),
         })
     }
 
@@ -208,8 +228,16 @@ impl Client {
         Ok(())
     }
 
-    /// Send `data` after what is already pending. `Err` means the client is gone.
+    /// Send guest output `data` after what is already pending. `Err` means the client is gone.
     pub fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.telnet.is_some() {
+            return self.send_raw(&telnet::escape(data));
+        }
+        self.send_raw(data)
+    }
+
+    /// Send `data` as it is (telnet negotiation, or output of a plain client).
+    pub fn send_raw(&mut self, data: &[u8]) -> io::Result<()> {
         let mut data = data;
         if self.pending.is_empty() {
             loop {
@@ -240,6 +268,8 @@ pub enum Listener {
     Unix(UnixListener, PathBuf),
     /// TCP socket.
     Tcp(TcpListener),
+    /// TCP socket whose clients speak telnet.
+    Telnet(TcpListener),
 }
 
 impl Listener {
@@ -247,7 +277,7 @@ impl Listener {
     pub fn accept(&self) -> io::Result<Option<Conn>> {
         let result = match self {
             Self::Unix(l, _) => l.accept().map(|(s, _)| Conn::Unix(s)),
-            Self::Tcp(l) => l.accept().map(|(s, _)| Conn::Tcp(s)),
+            Self::Tcp(l) | Self::Telnet(l) => l.accept().map(|(s, _)| Conn::Tcp(s)),
         };
         match result {
             Ok(c) => Ok(Some(c)),
@@ -257,14 +287,14 @@ impl Listener {
     }
 
     /// Attach `conn` as a client whose pending output starts with `replay`.
-    pub fn client(conn: Conn, replay: impl IntoIterator<Item = u8>) -> io::Result<Client> {
-        Client::new(conn, replay)
+    pub fn client(&self, conn: Conn, replay: impl IntoIterator<Item = u8>) -> io::Result<Client> {
+        Client::new(conn, replay, matches!(self, Self::Telnet(_)))
     }
 
     fn raw_fd(&self) -> RawFd {
         match self {
             Self::Unix(l, _) => l.as_raw_fd(),
-            Self::Tcp(l) => l.as_raw_fd(),
+            Self::Tcp(l) | Self::Telnet(l) => l.as_raw_fd(),
         }
     }
 }
@@ -438,20 +468,11 @@ impl HostEnd {
                 })?;
                 Ok(Self::Listen(Listener::Unix(l, path.clone()), empty_slots()))
             }
-            HostSpec::Tcp(addr) => {
-                if !addr.ip().is_loopback() {
-                    log::warn!(
-                        "console on TCP {addr} is reachable from other hosts, unauthenticated"
-                    );
-                }
-                let l = TcpListener::bind(addr)
-                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                    .map_err(|source| HostError::BindTcp {
-                        addr: *addr,
-                        source,
-                    })?;
-                Ok(Self::Listen(Listener::Tcp(l), empty_slots()))
-            }
+            HostSpec::Tcp(addr) => Ok(Self::Listen(Listener::Tcp(bind_tcp(addr)?), empty_slots())),
+            HostSpec::Telnet(addr) => Ok(Self::Listen(
+                Listener::Telnet(bind_tcp(addr)?),
+                empty_slots(),
+            )),
         }
     }
 
@@ -476,8 +497,24 @@ impl HostEnd {
                 Ok(a) => format!("tcp {a}"),
                 Err(_) => "tcp".into(),
             },
+            Self::Listen(Listener::Telnet(l), _) => match l.local_addr() {
+                Ok(a) => format!("telnet {a}"),
+                Err(_) => "telnet".into(),
+            },
         }
     }
+}
+
+fn bind_tcp(addr: &SocketAddr) -> Result<TcpListener, HostError> {
+    if !addr.ip().is_loopback() {
+        log::warn!("console on TCP {addr} is reachable from other hosts, unauthenticated");
+    }
+    TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|source| HostError::BindTcp {
+            addr: *addr,
+            source,
+        })
 }
 
 fn empty_slots() -> Vec<Option<Client>> {
@@ -546,7 +583,11 @@ mod tests {
             "tcp=[::1]:4555".parse::<HostSpec>().unwrap(),
             HostSpec::Tcp("[::1]:4555".parse().unwrap())
         );
-        for bad in ["", "tty", "socket=", "tcp=host", "tcp=99999"] {
+        assert_eq!(
+            "telnet=4556".parse::<HostSpec>().unwrap(),
+            HostSpec::Telnet("127.0.0.1:4556".parse().unwrap())
+        );
+        for bad in ["", "tty", "socket=", "tcp=host", "tcp=99999", "telnet="] {
             assert!(bad.parse::<HostSpec>().is_err(), "{bad}");
         }
     }

@@ -12,16 +12,19 @@
 //!
 //! * `--backend` (port 0, the console): `stdio`, `pty` (the path is printed at start-up),
 //!   `socket=PATH` (clients attach and detach at will, e.g. `socat -,raw,echo=0
-//!   UNIX-CONNECT:PATH`), `tcp=[ADDR:]PORT` (127.0.0.1 unless an address is given), `null`.
+//!   UNIX-CONNECT:PATH`), `tcp=[ADDR:]PORT` (127.0.0.1 unless an address is given),
+//!   `telnet=[ADDR:]PORT` (the same for telnet clients: `telnet 127.0.0.1 PORT` gets character
+//!   mode, and its window size becomes the console size), `null`.
 //! * `--log FILE` appends all of port 0's guest output, whatever the backend.
 //! * A client that attaches first gets the most recent output (`--history` bytes, the boot log).
 //! * `--port name=NAME,backend=SPEC[,log=FILE]` adds named ports (VIRTIO_CONSOLE_F_MULTIPORT);
 //!   the guest finds them as `/dev/virtio-ports/NAME`.
 //! * Console size (VIRTIO_CONSOLE_F_SIZE): from the pty (users' terminals set it; followed
-//!   every second) or `--size COLSxROWS`. Socket and TCP clients have no resize channel. A
-//!   multiport guest gets resizes as control messages; a single-port guest gets a config-change
-//!   interrupt when the frontend set up its backend-request channel (BACKEND_REQ), and otherwise
-//!   reads the new size from the config space when it next looks.
+//!   every second), from the last telnet client that reported it, or `--size COLSxROWS`
+//!   (socket and plain TCP clients have no resize channel). A multiport guest gets resizes as
+//!   control messages; a single-port guest gets a config-change interrupt when the frontend set
+//!   up its backend-request channel (BACKEND_REQ), and otherwise reads the new size from the
+//!   config space when it next looks.
 //! * Endpoints and their clients belong to the process: a frontend that reconnects finds the
 //!   same pty, sockets, clients and history.
 
@@ -30,6 +33,7 @@ mod chain;
 mod control;
 mod host;
 mod port;
+mod telnet;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,14 +59,15 @@ const INFO: DeviceInfo = DeviceInfo {
     after_help = "Examples:\n  vhost-user-console --socket /run/vm0-con.sock --backend pty\n  \
 vhost-user-console --socket /run/vm0-con.sock --backend socket=/run/vm0-console --log /var/log/vm0.log\n  \
 vhost-user-console --socket S --backend tcp=4555 --port name=org.qemu.guest_agent.0,backend=socket=/run/qga.sock\n\n\
-Attach to a socket backend with: socat -,raw,echo=0 UNIX-CONNECT:/run/vm0-console"
+Attach to a socket backend with: socat -,raw,echo=0 UNIX-CONNECT:/run/vm0-console\n\
+Attach to a telnet backend with: telnet 127.0.0.1 PORT (the console size follows the window)"
 )]
 struct Cli {
     #[command(flatten)]
     daemon: DaemonArgs,
 
-    /// Host side of the console (port 0): stdio, pty, socket=PATH, tcp=[ADDR:]PORT (loopback
-    /// unless ADDR is given) or null.
+    /// Host side of the console (port 0): stdio, pty, socket=PATH, tcp=[ADDR:]PORT,
+    /// telnet=[ADDR:]PORT (loopback unless ADDR is given) or null.
     #[arg(
         long,
         value_name = "SPEC",
@@ -82,7 +87,7 @@ struct Cli {
     #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024)]
     history: usize,
 
-    /// Console size reported to the guest when the backend is not a pty, e.g. 120x40.
+    /// Console size reported to the guest until a pty user or telnet client sets one, e.g. 120x40.
     #[arg(long, value_name = "COLSxROWS", value_parser = parse_size)]
     size: Option<(u16, u16)>,
 

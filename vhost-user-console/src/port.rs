@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
-use crate::host::{read_fd, write_stdout, HostEnd, HostError, HostSpec, Listener};
+use crate::host::{read_fd, write_stdout, HostEnd, HostError, HostSpec};
 
 /// Input (host -> guest) held while the guest posts no receive buffers; beyond this the
 /// daemon stops reading the endpoint, so the kernel's flow control holds the writer.
@@ -107,6 +107,8 @@ pub struct Port {
     /// The guest takes input on this port (single port: always; multiport: after PORT_READY
     /// for the console, after the guest opened it for other ports).
     pub guest_open: bool,
+    /// The last window size a telnet client reported, not yet taken by the device.
+    pub reported_size: Option<(u16, u16)>,
     /// Output bytes a pty or stdout could not take.
     pub dropped: u64,
     /// Writes that lost output, for a log line at counts 1, 2, 4, 8...
@@ -143,6 +145,7 @@ impl Port {
             history: History::new(history),
             input: VecDeque::new(),
             guest_open: false,
+            reported_size: None,
             dropped: 0,
             lossy_writes: 0,
             history_capacity: history,
@@ -275,6 +278,22 @@ impl Port {
                     return ReadOutcome::Idle;
                 }
                 match c.conn.read(buf) {
+                    Ok(n) if n > 0 && c.telnet.is_some() => {
+                        let mut reply = Vec::new();
+                        if let Some(t) = &mut c.telnet {
+                            if let Some(size) = t.decode(&buf[..n], &mut self.input, &mut reply) {
+                                self.reported_size = Some(size);
+                            }
+                        }
+                        if reply.is_empty() {
+                            return ReadOutcome::Read;
+                        }
+                        if let Err(e) = c.send_raw(&reply) {
+                            log::info!("port {id}: client detached ({e})");
+                            c.dead = true;
+                        }
+                        return ReadOutcome::Read;
+                    }
                     Ok(0) => {
                         log::info!("port {id}: client detached");
                         c.dead = true;
@@ -323,7 +342,7 @@ impl Port {
                 let _ = conn.write(b"vhost-user-console: too many clients attached\r\n");
                 continue;
             };
-            match Listener::client(conn, self.history.iter()) {
+            match listener.client(conn, self.history.iter()) {
                 Ok(c) => {
                     log::info!("port {id}: client attached");
                     clients[slot] = Some(c);

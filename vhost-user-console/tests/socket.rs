@@ -476,6 +476,41 @@ fn tcp_backend_listens_on_loopback() {
     assert_eq!(fe.receive(0, &mut posted, 3), b"ls\n");
 }
 
+#[test]
+fn telnet_client_sets_the_console_size_and_keeps_0xff_intact() {
+    let port = free_tcp_port();
+    let s = start(&["--backend", &format!("telnet={port}")]);
+    let mut fe = Session::connect(&s.socket(), F_SIZE, 2);
+    assert_ne!(fe.features & F_SIZE, 0, "size offered for telnet clients");
+    let mut requests = fe.backend_requests();
+    fe.send(1, b"boot \xff log\n");
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // WILL ECHO, WILL SUPPRESS-GO-AHEAD, DO NAWS; then the history, 0xFF doubled.
+    assert_eq!(read_n(&mut c, 9), [255, 251, 1, 255, 251, 3, 255, 253, 31]);
+    assert_eq!(read_n(&mut c, 12), b"boot \xff\xff log\n");
+
+    // What `telnet` sends: agreement, then its window size.
+    c.write_all(&[255, 251, 31, 255, 250, 31, 0, 132, 0, 43, 255, 240])
+        .unwrap();
+    requests.wait_config_changes(1);
+    assert_eq!(&fe.config(0, 4), &[132, 0, 43, 0]);
+    // A resize of the client's window.
+    c.write_all(&[255, 250, 31, 0, 100, 0, 30, 255, 240])
+        .unwrap();
+    requests.wait_config_changes(2);
+    assert_eq!(&fe.config(0, 4), &[100, 0, 30, 0]);
+
+    // Typed bytes reach the guest as typed: Enter (CR NUL) is CR, IAC IAC is 0xFF.
+    c.write_all(b"ls\r\0\xff\xff").unwrap();
+    let mut posted = fe.post_rx(0, 2, 64);
+    assert_eq!(fe.receive(0, &mut posted, 4), b"ls\r\xff");
+    // An option the console does not do is refused.
+    c.write_all(&[255, 251, 24]).unwrap();
+    assert_eq!(read_n(&mut c, 3), [255, 254, 24]);
+    assert_eq!(requests.config_changes(), 2);
+}
+
 fn free_tcp_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
