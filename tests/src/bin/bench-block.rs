@@ -26,12 +26,13 @@ struct Args {
     ours: PathBuf,
     peer: String,
     event_idx: bool,
+    only: Option<String>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench-block [--seconds S] [--size-mib N] [--dir DIR] [--direct] [--no-event-idx]\n\
-         \x20                  [--ours PATH] [--peer PATH]\n\
+         \x20                  [--only NAME-PART] [--ours PATH] [--peer PATH]\n\
          defaults: 2 s per workload, a 256 MiB image in /dev/shm, page-cache I/O"
     );
     std::process::exit(2)
@@ -47,6 +48,7 @@ fn parse_args() -> Args {
         ours: exe.with_file_name("vhost-user-block"),
         peer: "qemu-storage-daemon".into(),
         event_idx: true,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -57,6 +59,7 @@ fn parse_args() -> Args {
             "--dir" => a.dir = PathBuf::from(val()),
             "--direct" => a.direct = true,
             "--no-event-idx" => a.event_idx = false,
+            "--only" => a.only = Some(val()),
             "--ours" => a.ours = PathBuf::from(val()),
             "--peer" => a.peer = val(),
             _ => usage(),
@@ -90,6 +93,8 @@ struct Figures {
     p50_us: f64,
     p99_us: f64,
     cpu_s: f64,
+    /// CPU time of this frontend process over the same interval.
+    frontend_cpu_s: f64,
     errors: u64,
 }
 
@@ -247,6 +252,7 @@ fn run_workload(s: &mut Session, pid: u32, w: Workload, blocks: u64, seconds: f6
         .collect();
     let mem = s.guest.mem();
     let mut cpu = (Duration::ZERO, Duration::ZERO);
+    let mut own = (Duration::ZERO, Duration::ZERO);
     let results: Vec<QueueResult> = std::thread::scope(|scope| {
         let handles: Vec<_> = s.queues[..w.queues]
             .iter_mut()
@@ -258,8 +264,10 @@ fn run_workload(s: &mut Session, pid: u32, w: Workload, blocks: u64, seconds: f6
             .collect();
         std::thread::sleep(t0.saturating_duration_since(Instant::now()));
         cpu.0 = cpu_time(pid);
+        own.0 = cpu_time(std::process::id());
         std::thread::sleep(end.saturating_duration_since(Instant::now()));
         cpu.1 = cpu_time(pid);
+        own.1 = cpu_time(std::process::id());
         handles
             .into_iter()
             .map(|h| h.join().expect("queue thread"))
@@ -277,6 +285,7 @@ fn run_workload(s: &mut Session, pid: u32, w: Workload, blocks: u64, seconds: f6
         p50_us: percentile(&lat, 0.50),
         p99_us: percentile(&lat, 0.99),
         cpu_s: cpu.1.saturating_sub(cpu.0).as_secs_f64(),
+        frontend_cpu_s: own.1.saturating_sub(own.0).as_secs_f64(),
         errors: results.iter().map(|r| r.errors).sum(),
     }
 }
@@ -304,12 +313,13 @@ fn bench_daemon(
     for w in workloads {
         let f = run_workload(&mut s, daemon.pid(), *w, blocks, args.seconds);
         eprintln!(
-            "bench-block: {label}: {:<20} {:>9.0} IOPS  p50 {:>7.1} us  p99 {:>7.1} us  CPU {:.2} s{}",
+            "bench-block: {label}: {:<20} {:>9.0} IOPS  p50 {:>7.1} us  p99 {:>7.1} us  CPU {:.2} s (frontend {:.2} s){}",
             w.name(),
             f.iops,
             f.p50_us,
             f.p99_us,
             f.cpu_s,
+            f.frontend_cpu_s,
             if f.errors > 0 {
                 format!("  {} ERRORS", f.errors)
             } else {
@@ -372,7 +382,15 @@ fn main() -> ExitCode {
                 queues,
             })
         })
+        .filter(|w| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| w.name().contains(o.as_str()))
+        })
         .collect();
+    if workloads.is_empty() {
+        usage();
+    }
 
     let ours_sock = dir.path().join("ours.sock");
     let mut ours = Command::new(&args.ours);
