@@ -193,18 +193,25 @@ fn discard_and_write_zeroes() {
     assert_eq!(file_bytes(&fx.image, 1024 * 512, 4096), vec![0; 4096]);
     assert_eq!(file_bytes(&fx.image, 320 * 512, 512), vec![0xaa; 512]);
 
-    // DISCARD: accepted; what it covers reads back the same through the device as in the file,
-    // and nothing outside it changes.
+    // DISCARD: the file gives the space back; what it covers reads back the same through the
+    // device as in the file, and nothing outside it changes.
+    let allocated = || std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&fx.image).unwrap());
+    let before = allocated();
     assert_eq!(
-        run(&mut s, blk::T_DISCARD, &[blk::range(2048, 64, 0)]),
+        run(&mut s, blk::T_DISCARD, &[blk::range(2048, 2048, 0)]),
         blk::S_OK
     );
+    assert!(
+        allocated() + 2048 <= before,
+        "1 MiB discarded, but the image went from {before} to {} allocated sectors",
+        allocated()
+    );
     assert_eq!(
-        s.blk_read(0, 2048, 64 * 512).data,
-        file_bytes(&fx.image, 2048 * 512, 64 * 512)
+        s.blk_read(0, 2048, 2048 * 512).data,
+        file_bytes(&fx.image, 2048 * 512, 2048 * 512)
     );
     assert_eq!(file_bytes(&fx.image, 2047 * 512, 512), vec![0xaa; 512]);
-    assert_eq!(file_bytes(&fx.image, 2112 * 512, 512), vec![0xaa; 512]);
+    assert_eq!(file_bytes(&fx.image, 4096 * 512, 512), vec![0xaa; 512]);
 
     // Bad ranges: beyond capacity, unknown flags, DISCARD with UNMAP, no range at all.
     let end = 4 * MIB / 512;
@@ -755,8 +762,16 @@ fn write_raw(s: &Session, at: u64, entries: &[(u64, u32, u16, u16)]) {
 /// image; and the next frontend is served.
 #[test]
 fn hostile_chains_never_succeed_and_the_daemon_keeps_serving() {
-    let fx = serve(2 * MIB, |_| 0x11, &[]);
-    let mut fx = fx;
+    hostile_chains(&["--io-engine", "sync"]);
+}
+
+#[test]
+fn hostile_chains_with_direct_io_uring() {
+    hostile_chains(&["--direct", "--io-engine", "uring"]);
+}
+
+fn hostile_chains(args: &[&str]) {
+    let mut fx = serve(2 * MIB, |_| 0x11, args);
     let mut s = connect(&fx.socket, 1);
     let mut disconnects = 0;
     for (n, case) in hostile_cases().iter().enumerate() {
