@@ -496,6 +496,33 @@ fn hostile_cases() -> Vec<Hostile> {
             },
         },
         Hostile {
+            name: "zero-length data buffer",
+            post: |s| {
+                let buf = s.guest.alloc(512);
+                Status::Ioerr(hdr_data_status(s, blk::T_IN, 0, Desc::writable(buf, 0)))
+            },
+        },
+        Hostile {
+            name: "zero-length descriptor among the data",
+            post: |s| {
+                let hdr = s.guest.put(&blk::header(blk::T_OUT, 0));
+                let a = s.guest.put(&[0x99; 512]);
+                let b = s.guest.put(&[0x99; 512]);
+                let status = s.guest.put(&[0xff]);
+                s.add(
+                    0,
+                    &[
+                        Desc::readable(hdr, 16),
+                        Desc::readable(a, 512),
+                        Desc::readable(b, 0),
+                        Desc::readable(b, 512),
+                        Desc::writable(status, 1),
+                    ],
+                );
+                Status::Ioerr(status)
+            },
+        },
+        Hostile {
             name: "no status descriptor (readable last)",
             post: |s| {
                 let hdr = s.guest.put(&blk::header(blk::T_OUT, 0));

@@ -286,7 +286,11 @@ pub fn prepare<M: GuestMemoryBackend>(
             Err(_) => 0,
         })
     };
-    if writable.iter().any(|d| d.flags() & VRING_DESC_F_WRITE == 0) {
+    // Zero-sized buffers are not allowed (QEMU's virtqueue_pop refuses them too): a driver
+    // never sends one, so a chain with one is broken or hostile.
+    if writable.iter().any(|d| d.flags() & VRING_DESC_F_WRITE == 0)
+        || descs.iter().any(|d| d.len() == 0)
+    {
         return write_status(VIRTIO_BLK_S_IOERR, 0);
     }
 
