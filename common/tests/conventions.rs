@@ -2,8 +2,8 @@
 //! real binaries: capabilities JSON, bad start-up input, relisten, client mode, `--fd`, systemd
 //! socket activation, `--once`, SIGTERM, and QEMU 10's early SET_VRING_ENABLE.
 //!
-//! The daemons are found next to this test's own profile directory (`target/<profile>/`);
-//! `cargo test --workspace` builds them.
+//! The daemons are found in this test's own profile directory (`target/<profile>/`): build
+//! them first (`cargo build --workspace --bins`, as scripts/test does).
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -13,27 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use vhost_user_test::binary;
+
 const DAEMONS: [(&str, &str); 4] = [
     ("vhost-user-block", "block"),
     ("vhost-user-net", "net"),
     ("vhost-user-fs", "fs"),
     ("vhost-user-console", "console"),
 ];
-
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let bin = profile_dir.join(name);
-    assert!(
-        bin.exists(),
-        "{} not built; run `cargo build --workspace --bins` first",
-        bin.display()
-    );
-    bin
-}
 
 fn image(dir: &Path) -> PathBuf {
     let p = dir.join("disk.img");
@@ -116,6 +103,22 @@ fn every_daemon_prints_spec_capabilities_and_version() {
         let out = run(&binary(name), &["--version"]);
         assert!(out.status.success());
         assert!(String::from_utf8_lossy(&out.stdout).contains(name));
+    }
+}
+
+#[test]
+fn every_daemon_describes_itself_in_help() {
+    for (name, kind) in DAEMONS {
+        let out = run(&binary(name), &["--help"]);
+        assert!(out.status.success(), "{name}");
+        let help = String::from_utf8_lossy(&out.stdout);
+        let first = help.lines().next().unwrap_or_default();
+        let device = format!("virtio-{}", if kind == "block" { "blk" } else { kind });
+        assert!(
+            first.contains(&device),
+            "{name} --help starts with {first:?}, not its own description"
+        );
+        assert!(help.contains("--socket"), "{name}");
     }
 }
 

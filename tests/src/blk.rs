@@ -123,42 +123,11 @@ pub struct Reply {
     pub used_len: u32,
 }
 
-/// Synchronous virtio-blk requests on a [`Session`].
-pub trait BlockRequests {
+/// Synchronous virtio-blk requests.
+impl Session {
     /// Run a request: header, then `out` as one readable buffer if not empty, then `in_len`
     /// writable bytes if not zero, then the status byte. None if the daemon hung up.
-    fn blk_request(
-        &mut self,
-        q: usize,
-        request_type: u32,
-        sector: u64,
-        out: &[u8],
-        in_len: usize,
-    ) -> Option<Reply>;
-
-    /// Read `len` bytes at `sector` (IN).
-    fn blk_read(&mut self, q: usize, sector: u64, len: usize) -> Reply {
-        self.blk_request(q, T_IN, sector, &[], len)
-            .expect("daemon answers a read")
-    }
-
-    /// Write `data` at `sector` (OUT); returns the status.
-    fn blk_write(&mut self, q: usize, sector: u64, data: &[u8]) -> u8 {
-        self.blk_request(q, T_OUT, sector, data, 0)
-            .expect("daemon answers a write")
-            .status
-    }
-
-    /// FLUSH; returns the status.
-    fn blk_flush(&mut self, q: usize) -> u8 {
-        self.blk_request(q, T_FLUSH, 0, &[], 0)
-            .expect("daemon answers a flush")
-            .status
-    }
-}
-
-impl BlockRequests for Session {
-    fn blk_request(
+    pub fn blk_request(
         &mut self,
         q: usize,
         request_type: u32,
@@ -185,5 +154,25 @@ impl BlockRequests for Session {
             }),
             Completion::Disconnected => None,
         }
+    }
+
+    /// Read `len` bytes at `sector` (IN).
+    pub fn blk_read(&mut self, q: usize, sector: u64, len: usize) -> Reply {
+        self.blk_request(q, T_IN, sector, &[], len)
+            .expect("daemon answers a read")
+    }
+
+    /// Write `data` at `sector` (OUT); returns the status.
+    pub fn blk_write(&mut self, q: usize, sector: u64, data: &[u8]) -> u8 {
+        self.blk_request(q, T_OUT, sector, data, 0)
+            .expect("daemon answers a write")
+            .status
+    }
+
+    /// FLUSH; returns the status.
+    pub fn blk_flush(&mut self, q: usize) -> u8 {
+        self.blk_request(q, T_FLUSH, 0, &[], 0)
+            .expect("daemon answers a flush")
+            .status
     }
 }

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vhost_user_test::blk::{self, BlockRequests, Config};
+use vhost_user_test::blk::{self, Config};
 use vhost_user_test::{binary, Completion, Daemon, Desc, Options, Session, DESC_F_INDIRECT};
 use vhost_user_test::{DESC_F_NEXT, DESC_F_WRITE};
 
