@@ -1,11 +1,13 @@
 //! The VM and the thread that owns it.
 //!
 //! [`Vm`] is one boot of the guest: KVM VM, guest RAM, buses, legacy devices, vhost-user
-//! devices and vCPU threads. [`Vmm`] owns the current `Vm` on one thread and serves
-//! [`VmMessage`]s: API requests (each with a reply channel) and guest events from vCPU threads
-//! and devices. Anyone else (a future HTTP API, signal handlers, tests) holds a [`VmHandle`]:
-//! the sending half of the channel plus an eventfd that wakes the VM thread's epoll loop,
-//! which also watches the device manager's fds and stdin for the serial console.
+//! devices, vCPU threads and, when the configuration allows growth, ACPI hot-plug. [`Vmm`]
+//! owns the configuration and the current `Vm` on one thread and serves [`VmMessage`]s: API
+//! requests (each with a reply channel, checked against [`crate::api::state`]) and guest
+//! events from vCPU threads and devices. Anyone else (the HTTP API thread, signal handlers,
+//! tests) holds a [`VmHandle`]: the sending half of the channel plus an eventfd that wakes the
+//! VM thread's epoll loop, which also watches the device manager's fds and stdin for the
+//! serial console.
 
 use std::collections::VecDeque;
 use std::fs::File;

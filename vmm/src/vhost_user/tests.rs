@@ -51,6 +51,8 @@ enum Req {
     VringEnable(u32, bool),
     GetVringBase(u32),
     SetConfig(u32, Vec<u8>),
+    /// ADD_MEM_REG: guest address and size.
+    AddMemReg(u64, u64),
 }
 
 struct MockState {
@@ -188,10 +190,11 @@ impl VhostUserBackendReqHandlerMut for MockDaemon {
     }
     fn add_mem_region(
         &mut self,
-        _region: &VhostUserSingleMemoryRegion,
+        region: &VhostUserSingleMemoryRegion,
         _fd: File,
         _postcopy: Option<bool>,
     ) -> Result<Option<VhostUserMemoryRegionBase>> {
+        self.log(Req::AddMemReg(region.guest_phys_addr, region.memory_size));
         Ok(None)
     }
     fn remove_mem_region(&mut self, _region: &VhostUserSingleMemoryRegion) -> Result<()> {
@@ -683,4 +686,78 @@ fn guest_bring_up_through_pci_reaches_the_daemon() {
     w(0x14, &[0]);
     assert!(requests(&state).contains(&Req::GetVringBase(0)));
     manager.shutdown();
+}
+
+/// A region hot-plugged into `mem` at `gpa` (its own memfd, as `GuestRam::add_block` makes).
+fn hot_add(
+    mem: &GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>,
+    gpa: u64,
+    size: usize,
+) -> Arc<vm_memory::GuestRegionMmap<()>> {
+    // SAFETY: the name is a valid NUL-terminated string; the returned fd is checked.
+    let fd = unsafe { libc::memfd_create(c"vmm-test-hotplug".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` is a fresh memfd that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size as u64).unwrap();
+    let region = vm_memory::GuestRegionMmap::new(
+        vm_memory::MmapRegion::build(
+            Some(FileOffset::new(file, 0)),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .unwrap(),
+        GuestAddress(gpa),
+    )
+    .map(Arc::new)
+    .unwrap();
+    let grown = mem.memory().insert_region(region.clone()).unwrap();
+    mem.lock().unwrap().replace(grown);
+    region
+}
+
+#[test]
+fn hot_added_memory_reaches_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let state = block_daemon_state();
+    let _streams = spawn_listening_daemon(&path, state.clone());
+    let mem = memfd_memory(1 << 20);
+    let mut dev = VhostUserDevice::new(&block_config(&path), mem.clone()).unwrap();
+    state.lock().unwrap().requests.clear();
+
+    // Before the rings run the daemon has no table: nothing to send now, all of it later.
+    let early = hot_add(&mem, 1 << 32, 1 << 20);
+    dev.add_memory_region(&early).unwrap();
+    assert!(requests(&state).is_empty());
+    dev.activate(VERSION_1, vec![queue(0, 0x10000)]).unwrap();
+    assert!(requests(&state).contains(&Req::SetMemTable(2)));
+
+    // While they run: ADD_MEM_REG with the new region only.
+    state.lock().unwrap().requests.clear();
+    let late = hot_add(&mem, (1 << 32) + (1 << 20), 2 << 20);
+    dev.add_memory_region(&late).unwrap();
+    assert_eq!(
+        requests(&state),
+        vec![Req::AddMemReg((1 << 32) + (1 << 20), 2 << 20)]
+    );
+}
+
+#[test]
+fn hot_added_memory_without_mem_slots_resends_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let state = block_daemon_state();
+    state.lock().unwrap().protocol = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG;
+    let _streams = spawn_listening_daemon(&path, state.clone());
+    let mem = memfd_memory(1 << 20);
+    let mut dev = VhostUserDevice::new(&block_config(&path), mem.clone()).unwrap();
+    dev.activate(VERSION_1, vec![queue(0, 0x10000)]).unwrap();
+    state.lock().unwrap().requests.clear();
+    let region = hot_add(&mem, 1 << 32, 1 << 20);
+    dev.add_memory_region(&region).unwrap();
+    assert_eq!(requests(&state), vec![Req::SetMemTable(2)]);
 }
