@@ -82,6 +82,12 @@ pub trait DeviceBackend:
     /// Keep it to notify the frontend (config-space changes); drop it in `disconnected`.
     fn backend_channel(&self, _channel: BackendChannel) {}
 
+    /// Called when the frontend enables or disables queue `index`
+    /// (`VHOST_USER_SET_VRING_ENABLE` once the features are acked), from the relay thread right
+    /// after the message went on to vhost-user-backend, which tells backends nothing of it.
+    /// For a device whose host side follows its rings (a tap queue leaving a multi-queue tap).
+    fn vring_enabled(&self, _index: u32, _enabled: bool) {}
+
     /// Called after a frontend disconnected and its worker threads have exited, before the
     /// next connection is served: drop per-connection state.
     fn disconnected(&self) {}

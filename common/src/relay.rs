@@ -16,6 +16,10 @@
 //! `VHOST_USER_SET_BACKEND_REQ_FD` and gives it to the device as a [`BackendChannel`]: vhost
 //! 0.18's own `Backend` proxy cannot send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`.
 //!
+//! It tells the device, too, when the frontend enables or disables a ring: vhost-user-backend
+//! passes `VHOST_USER_SET_VRING_ENABLE` to no backend hook, and a device whose host side has to
+//! follow (a tap queue leaving its multi-queue tap) needs to know.
+//!
 //! Only control messages cross the relay: the data path (guest memory, kick and call
 //! eventfds, the backend-request channel) goes directly between frontend and backend.
 
@@ -301,6 +305,16 @@ impl RelayState {
         }
     }
 
+    /// For a forwarded `VHOST_USER_SET_VRING_ENABLE`: the queue index and whether it is being
+    /// enabled. `None` for anything else or a short payload.
+    pub fn vring_enable(&self, msg: &Message) -> Option<(u32, bool)> {
+        if msg.request() != REQ_SET_VRING_ENABLE {
+            return None;
+        }
+        let state = msg.payload_u64()?;
+        Some((state as u32, (state >> 32) as u32 != 0))
+    }
+
     /// For a forwarded `VHOST_USER_SET_BACKEND_REQ_FD` with BACKEND_REQ negotiated: the device's
     /// own handle on the channel (a duplicate of the descriptor; vhost-user-backend keeps the
     /// original). Anything else, or a descriptor that is not a Unix stream socket: `None`.
@@ -351,15 +365,24 @@ fn is_unix_stream(fd: &OwnedFd) -> bool {
 }
 
 /// Relay messages between `frontend` and `backend` until either side closes or fails, handing
-/// each backend-request channel the frontend sets up to `on_channel`.
-/// Both sockets are shut down on return, so the other side sees the end too.
+/// each backend-request channel the frontend sets up to `on_channel` and telling `on_enable`
+/// of each ring the frontend enables or disables (queue index, enabled), once the message has
+/// gone on to the backend. Both sockets are shut down on return, so the other side sees the
+/// end too.
 pub fn run(
     frontend: UnixStream,
     backend: UnixStream,
     mut on_channel: impl FnMut(BackendChannel),
+    mut on_enable: impl FnMut(u32, bool),
 ) -> io::Result<()> {
     let mut state = RelayState::default();
-    let result = relay_loop(&frontend, &backend, &mut state, &mut on_channel);
+    let result = relay_loop(
+        &frontend,
+        &backend,
+        &mut state,
+        &mut on_channel,
+        &mut on_enable,
+    );
     let _ = frontend.shutdown(std::net::Shutdown::Both);
     let _ = backend.shutdown(std::net::Shutdown::Both);
     result
@@ -370,6 +393,7 @@ fn relay_loop(
     backend: &UnixStream,
     state: &mut RelayState,
     on_channel: &mut dyn FnMut(BackendChannel),
+    on_enable: &mut dyn FnMut(u32, bool),
 ) -> io::Result<()> {
     let mut pfds = [
         libc::pollfd {
@@ -403,7 +427,10 @@ fn relay_loop(
                     if let Some(channel) = state.backend_channel(&msg) {
                         on_channel(channel);
                     }
-                    send_message(backend, &msg)?
+                    send_message(backend, &msg)?;
+                    if let Some((index, enabled)) = state.vring_enable(&msg) {
+                        on_enable(index, enabled);
+                    }
                 }
                 Some(Some(reply)) => send_message(frontend, &reply)?,
                 Some(None) => {}
@@ -446,7 +473,7 @@ mod tests {
     fn relay_pair() -> Pair {
         let (frontend, relay_front) = UnixStream::pair().unwrap();
         let (relay_back, backend) = UnixStream::pair().unwrap();
-        let thread = std::thread::spawn(move || run(relay_front, relay_back, |_| {}));
+        let thread = std::thread::spawn(move || run(relay_front, relay_back, |_| {}, |_, _| {}));
         Pair {
             frontend,
             backend,
@@ -488,6 +515,46 @@ mod tests {
     }
 
     #[test]
+    fn the_device_hears_of_rings_enabled_and_disabled() {
+        let (frontend, relay_front) = UnixStream::pair().unwrap();
+        let (relay_back, backend) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            run(
+                relay_front,
+                relay_back,
+                |_| {},
+                move |i, on| tx.send((i, on)).unwrap(),
+            )
+        });
+        let enable = |index, on| {
+            message(
+                REQ_SET_VRING_ENABLE,
+                FLAG_VERSION,
+                &vring_state(index, on),
+                vec![],
+            )
+        };
+        // Answered by the relay before the features are acked: nothing to tell.
+        send_message(&frontend, &enable(0, 1)).unwrap();
+        let features = message(
+            REQ_SET_FEATURES,
+            FLAG_VERSION,
+            &(F_PROTOCOL_FEATURES | 1 << 32).to_le_bytes(),
+            vec![],
+        );
+        send_message(&frontend, &features).unwrap();
+        send_message(&frontend, &enable(3, 0)).unwrap();
+        send_message(&frontend, &enable(2, 1)).unwrap();
+        for want in [REQ_SET_FEATURES, REQ_SET_VRING_ENABLE, REQ_SET_VRING_ENABLE] {
+            assert_eq!(recv_message(&backend).unwrap().unwrap().request(), want);
+        }
+        drop(frontend);
+        thread.join().unwrap().unwrap();
+        assert_eq!(rx.iter().collect::<Vec<_>>(), [(3, false), (2, true)]);
+    }
+
+    #[test]
     fn descriptors_and_replies_pass_through() {
         let p = relay_pair();
         let mut file = tempfile::tempfile().unwrap();
@@ -523,8 +590,14 @@ mod tests {
         let (frontend, relay_front) = UnixStream::pair().unwrap();
         let (relay_back, backend) = UnixStream::pair().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        let thread =
-            std::thread::spawn(move || run(relay_front, relay_back, move |c| tx.send(c).unwrap()));
+        let thread = std::thread::spawn(move || {
+            run(
+                relay_front,
+                relay_back,
+                move |c| tx.send(c).unwrap(),
+                |_, _| {},
+            )
+        });
         let set_fd = |frontend_end: &UnixStream| {
             let fd: OwnedFd = frontend_end.try_clone().unwrap().into();
             message(REQ_SET_BACKEND_REQ_FD, FLAG_VERSION, &[], vec![fd])

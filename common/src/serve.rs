@@ -225,9 +225,12 @@ fn serve_connection<B: DeviceBackend>(
     let relay_thread = std::thread::Builder::new()
         .name(format!("{}-relay", info.name))
         .spawn(move || {
-            let result = relay::run(frontend, relay_backend, |channel| {
-                device.backend_channel(channel)
-            });
+            let result = relay::run(
+                frontend,
+                relay_backend,
+                |channel| device.backend_channel(channel),
+                |index, enabled| device.vring_enabled(index, enabled),
+            );
             let _ = done_signal.write(1);
             result
         })
