@@ -526,22 +526,7 @@ fn two_queue_pairs_carry_traffic_independently() {
         host.send(&udp_frame(&flow(10000 + p), 200, u32::from(p)))
             .expect("send");
     }
-    let mut seen = HashMap::new();
-    let deadline = Instant::now() + WAIT;
-    while seen.len() < usize::from(flows) && Instant::now() < deadline {
-        for (i, r) in rx.iter_mut().enumerate() {
-            r.pending.extend(s.queues[r.q].poll_used(s.guest.mem()));
-            while let Some(u) = r.pending.pop_front() {
-                let bytes = r.data(&s, u);
-                let frame = &bytes[HDR..];
-                if frame.len() == 200 && l4_checksum_ok(frame) {
-                    let sport = u16::from_be_bytes([frame[34], frame[35]]);
-                    assert!(seen.insert(sport, i).is_none(), "flow {sport} twice");
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let seen = collect_flows(&mut s, &mut rx, usize::from(flows), WAIT);
     assert_eq!(seen.len(), usize::from(flows), "frames lost");
     let on_first = seen.values().filter(|&&i| i == 0).count();
     assert!(
@@ -837,4 +822,72 @@ fn the_next_frontend_is_served_after_a_disconnect() {
     }
     let log = rig.log();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Collect the 200-byte UDP test frames arriving on the receive queues of `rx` until `want`
+/// flows were seen or `timeout` passes; returns source port -> index into `rx`.
+fn collect_flows(
+    s: &mut Session,
+    rx: &mut [RxQueue],
+    want: usize,
+    timeout: Duration,
+) -> HashMap<u16, usize> {
+    let mut seen = HashMap::new();
+    let deadline = Instant::now() + timeout;
+    while seen.len() < want && Instant::now() < deadline {
+        for (i, r) in rx.iter_mut().enumerate() {
+            r.pending.extend(s.queues[r.q].poll_used(s.guest.mem()));
+            while let Some(u) = r.pending.pop_front() {
+                let bytes = r.data(s, u);
+                let frame = &bytes[HDR..];
+                if frame.len() == 200 && l4_checksum_ok(frame) {
+                    let sport = u16::from_be_bytes([frame[34], frame[35]]);
+                    assert!(seen.insert(sport, i).is_none(), "flow {sport} twice");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    seen
+}
+
+#[test]
+fn a_queue_pair_the_guest_disables_gets_no_traffic_and_loses_none() {
+    use vhost::vhost_user::VhostUserFrontend;
+    // A guest with fewer vCPUs than queue pairs enables only some of them.
+    let rig = Rig::start(&["--num-queue-pairs", "2"]);
+    let host = rig.host(false);
+    let mut s = rig.connect(bit(VIRTIO_NET_F_MQ), 2);
+    for q in [2, 3] {
+        s.fe.set_vring_enable(q, false).expect("SET_VRING_ENABLE");
+    }
+    let mut rx = [RxQueue::new(0, false)];
+    rx[0].post(&mut s, 200, 1, 1526);
+    rig.wait_log("queue pair 1: disabled by the frontend; tap queue detached");
+    // Flows the tap would have spread over both of its queues all reach the enabled pair.
+    for p in 0..64u16 {
+        host.send(&udp_frame(&flow(10000 + p), 200, u32::from(p)))
+            .expect("send");
+    }
+    let seen = collect_flows(&mut s, &mut rx, 64, WAIT);
+    assert_eq!(seen.len(), 64, "flows lost on the disabled pair");
+    // Enabled again, the pair carries traffic again.
+    let mut rx2 = RxQueue::new(2, false);
+    for q in [2, 3] {
+        s.fe.set_vring_enable(q, true).expect("SET_VRING_ENABLE");
+    }
+    rx2.post(&mut s, 128, 1, 1526);
+    rx[0].post(&mut s, 64, 1, 1526);
+    rig.wait_log("queue pair 1: enabled; tap queue attached");
+    let mut both = [rx.into_iter().next().expect("rx"), rx2];
+    for p in 0..64u16 {
+        host.send(&udp_frame(&flow(20000 + p), 200, u32::from(p)))
+            .expect("send");
+    }
+    let seen = collect_flows(&mut s, &mut both, 64, WAIT);
+    assert_eq!(seen.len(), 64, "frames lost after re-enabling");
+    assert!(
+        seen.values().any(|&i| i == 1),
+        "no flow on the re-enabled pair"
+    );
 }

@@ -102,7 +102,7 @@ impl NetBackend {
             .queues
             .iter()
             .enumerate()
-            .map(|(i, q)| Mutex::new(QueuePair::new(i, q.clone())))
+            .map(|(i, q)| Mutex::new(QueuePair::new(i, q.clone(), config.queue_pairs)))
             .collect();
         Ok(NetBackend(Arc::new(Inner {
             mac: Mutex::new(config.mac),
@@ -380,6 +380,15 @@ impl DeviceBackend for NetBackend {
             handler.register_listener(pair.tap_fd(), EventSet::IN, id)?;
         }
         Ok(())
+    }
+
+    fn vring_enabled(&self, index: u32, enabled: bool) {
+        // A pair follows its receive queue: that is where the tap's frames go.
+        if index % 2 == u32::from(RX) {
+            if let Some(mut pair) = self.pair(index as usize / 2) {
+                pair.follow_enable(enabled);
+            }
+        }
     }
 
     fn disconnected(&self) {

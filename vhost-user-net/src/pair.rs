@@ -165,6 +165,10 @@ pub struct QueuePair {
     tap_event: u64,
     /// Events the tap is currently registered for.
     interest: u32,
+    /// The tap has other queues, so this one may leave it while the guest disables the pair.
+    detachable: bool,
+    /// This queue is detached from the tap (and out of the worker's epoll set).
+    detached: bool,
     rx_frame: Vec<u8>,
     /// Length of the frame in `rx_frame` still to be delivered (0: none).
     rx_pending: usize,
@@ -194,8 +198,8 @@ fn vring_running(vring: &Vring) -> bool {
 }
 
 impl QueuePair {
-    /// A pair serving `tap`.
-    pub fn new(index: usize, tap: Arc<TapQueue>) -> Self {
+    /// A pair serving `tap`, one of `tap_queues` queues of its tap.
+    pub fn new(index: usize, tap: Arc<TapQueue>, tap_queues: usize) -> Self {
         QueuePair {
             index,
             tap,
@@ -203,6 +207,8 @@ impl QueuePair {
             epoll: None,
             tap_event: 0,
             interest: 0,
+            detachable: tap_queues > 1,
+            detached: false,
             rx_frame: vec![0; MAX_FRAME],
             rx_pending: 0,
             rx_kicks_on: true,
@@ -242,6 +248,16 @@ impl QueuePair {
         self.mem = None;
         self.epoll = None;
         self.interest = 0;
+        // The next connection's worker registers the tap queue, which must be attached.
+        if self.detached {
+            match self.tap.set_attached(true) {
+                Ok(()) => self.detached = false,
+                Err(e) => log::error!(
+                    "queue pair {}: cannot attach the tap queue again: {e}",
+                    self.index
+                ),
+            }
+        }
         self.rx_pending = 0;
         self.rx_kicks_on = true;
         self.rx_signalled = 0;
@@ -253,7 +269,7 @@ impl QueuePair {
     /// Register the tap for exactly `want_in` / `want_out` readiness.
     fn set_interest(&mut self, want_in: bool, want_out: bool) {
         let events = if want_in { EPOLLIN } else { 0 } | if want_out { EPOLLOUT } else { 0 };
-        if events == self.interest {
+        if events == self.interest || self.detached {
             return;
         }
         let Some(epoll) = self.epoll else {
@@ -275,6 +291,80 @@ impl QueuePair {
             return;
         }
         self.interest = events;
+    }
+
+    /// Follow the frontend enabling or disabling this pair (SET_VRING_ENABLE on its receive
+    /// queue, as QEMU sends for a guest that uses fewer pairs than there are, e.g. with fewer
+    /// vCPUs). A disabled pair's tap queue leaves the tap, so that the kernel steers its flows
+    /// to the pairs the guest reads instead of queueing them where nobody does; it joins again
+    /// when the pair is enabled. Called from the relay thread, while the worker may be waiting.
+    pub fn follow_enable(&mut self, enabled: bool) {
+        if !self.detachable || enabled != self.detached {
+            return;
+        }
+        if enabled {
+            if let Err(e) = self.tap.set_attached(true) {
+                log::error!(
+                    "queue pair {}: cannot attach the tap queue: {e}",
+                    self.index
+                );
+                return;
+            }
+            self.detached = false;
+            if let Some(epoll) = self.epoll {
+                let mut ev = libc::epoll_event {
+                    events: EPOLLIN,
+                    u64: self.tap_event,
+                };
+                // SAFETY: adds our tap fd to the worker's live epoll instance; `ev` is a valid
+                // epoll_event.
+                let rc =
+                    unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, self.tap_fd(), &mut ev) };
+                if rc < 0 {
+                    log::error!(
+                        "queue pair {}: cannot poll the tap again: {}",
+                        self.index,
+                        io::Error::last_os_error()
+                    );
+                } else {
+                    self.interest = EPOLLIN;
+                }
+            }
+            log::info!("queue pair {}: enabled; tap queue attached", self.index);
+        } else {
+            // Out of the epoll set first: a detached queue polls as an error.
+            if let Some(epoll) = self.epoll {
+                // SAFETY: removes our tap fd from the worker's live epoll instance.
+                unsafe {
+                    libc::epoll_ctl(
+                        epoll,
+                        libc::EPOLL_CTL_DEL,
+                        self.tap_fd(),
+                        std::ptr::null_mut(),
+                    )
+                };
+            }
+            self.interest = 0;
+            self.tx_blocked = false;
+            if self.rx_pending > 0 {
+                // Read before the guest disabled the pair; nobody can take it now.
+                self.stats.rx_dropped += 1;
+                self.rx_pending = 0;
+            }
+            if let Err(e) = self.tap.set_attached(false) {
+                log::error!(
+                    "queue pair {}: cannot detach the tap queue: {e}",
+                    self.index
+                );
+            }
+            // Detached or not, the queue is out of the epoll set now; attaching it again
+            // restores both.
+            self.detached = true;
+            log::info!(
+                "queue pair {}: disabled by the frontend; tap queue detached",
+                self.index
+            );
+        }
     }
 
     /// The tap reported an error condition (interface deleted): stop polling it, or the
@@ -301,6 +391,9 @@ impl QueuePair {
     /// Move frames from the tap to the guest until the tap is empty or the guest is out of
     /// buffers.
     pub fn process_rx(&mut self, rx: &Vring, neg: Negotiated) -> io::Result<()> {
+        if self.detached {
+            return Ok(());
+        }
         let Some(atomic) = self.mem.clone() else {
             self.set_interest(false, self.tx_blocked);
             return Ok(());

@@ -120,6 +120,19 @@ pub struct TapQueue {
 }
 
 impl TapQueue {
+    /// Attach this queue to its (multi-queue) tap, or detach it: the kernel steers frames
+    /// only to attached queues, and a detached queue's pending frames are dropped.
+    pub fn set_attached(&self, attached: bool) -> io::Result<()> {
+        let mut req = IfReq::new("");
+        let flag = if attached {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        req.set_short(flag as i16);
+        ioctl_ptr(self.file.as_raw_fd(), libc::TUNSETQUEUE, &mut req)
+    }
+
     /// Read one frame (with its header) into `buf`; `WouldBlock` when none is queued.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
