@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use vhost_user_test::blk::{self, Config};
-use vhost_user_test::{binary, Completion, Daemon, Desc, Options, Session, DESC_F_INDIRECT};
+use vhost_user_test::{
+    binary, write_table, Completion, Daemon, Desc, Options, Session, DESC_F_INDIRECT, F_EVENT_IDX,
+};
 use vhost_user_test::{DESC_F_NEXT, DESC_F_WRITE};
 
 const MIB: u64 = 1 << 20;
-const F_EVENT_IDX: u64 = 1 << 29;
 const F_INDIRECT: u64 = 1 << 28;
 
 /// A temporary image file and a daemon serving it.
@@ -111,7 +112,16 @@ fn read_write_flush_reach_the_image() {
 
 #[test]
 fn indirect_chains_and_event_idx_over_many_ring_wraps() {
-    let fx = serve(MIB, |_| 0, &[]);
+    event_idx_ring_wraps(&["--io-engine", "sync"]);
+}
+
+#[test]
+fn indirect_chains_and_event_idx_with_direct_io_uring() {
+    event_idx_ring_wraps(&["--direct", "--io-engine", "uring"]);
+}
+
+fn event_idx_ring_wraps(args: &[&str]) {
+    let fx = serve(MIB, |_| 0, args);
     let opts = Options {
         features: F_INDIRECT | F_EVENT_IDX,
         queue_size: 16,
@@ -119,23 +129,49 @@ fn indirect_chains_and_event_idx_over_many_ring_wraps() {
     };
     let mut s = Session::connect(&fx.socket, &opts).expect("connect");
     assert_ne!(s.features & F_EVENT_IDX, 0, "daemon offers EVENT_IDX");
-    for i in 0..100u64 {
-        let data = pattern(i as u8, 512);
-        let hdr = s.guest.put(&blk::header(blk::T_OUT, i));
-        let buf = s.guest.put(&data);
-        let status = s.guest.put(&[0xff]);
-        let chain = [
-            Desc::readable(hdr, 16),
-            Desc::readable(buf, 512),
-            Desc::writable(status, 1),
-        ];
-        if i % 2 == 0 {
-            s.add_indirect(0, &chain);
-        } else {
-            s.add(0, &chain);
+    // Batches of 1 to 5 requests with one notification each (kicks only when the device's
+    // avail_event asks), half through indirect tables: 100 requests wrap the 16-entry ring.
+    let mut i = 0u64;
+    let mut batch = 1;
+    while i < 100 {
+        let n = batch.min(100 - i);
+        let mut statuses = Vec::new();
+        for k in i..i + n {
+            let hdr = s.guest.put(&blk::header(blk::T_OUT, k));
+            let buf = s.guest.put(&pattern(k as u8, 512));
+            let status = s.guest.put(&[0xff]);
+            let chain = [
+                Desc::readable(hdr, 16),
+                Desc::readable(buf, 512),
+                Desc::writable(status, 1),
+            ];
+            let posted = if k % 2 == 0 {
+                let table = s.guest.alloc(48);
+                write_table(s.guest.mem(), table, &chain);
+                let d = Desc {
+                    addr: table,
+                    len: 48,
+                    flags: DESC_F_INDIRECT,
+                };
+                s.queues[0].push(s.guest.mem(), &[d])
+            } else {
+                s.queues[0].push(s.guest.mem(), &chain)
+            };
+            posted.expect("free descriptors");
+            statuses.push(status);
         }
-        s.wait(0, 1);
-        assert_eq!(s.guest.read(status, 1)[0], blk::S_OK, "request {i}");
+        s.queues[0].notify(s.guest.mem());
+        assert_eq!(s.wait(0, n as usize).len(), n as usize);
+        for (k, st) in statuses.iter().enumerate() {
+            assert_eq!(
+                s.guest.read(*st, 1)[0],
+                blk::S_OK,
+                "request {}",
+                i + k as u64
+            );
+        }
+        i += n;
+        batch = batch % 5 + 1;
     }
     for i in 0..100u64 {
         assert_eq!(file_bytes(&fx.image, i * 512, 512), pattern(i as u8, 512));
