@@ -109,7 +109,21 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        self.signal_and_wait(libc::SIGTERM);
+        if !self.alive() {
+            return;
+        }
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // A daemon that ignores SIGTERM must not hang the test run.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.alive() {
+            if Instant::now() >= deadline {
+                eprintln!("daemon {} ignored SIGTERM for 10 s; killing it", self.pid());
+                self.kill9();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
