@@ -140,3 +140,29 @@ impl GuestMemory {
         }]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocations_are_aligned_and_wrap_above_pinned_memory() {
+        let mut g = GuestMemory::new(64 << 10).unwrap();
+        let ring = g.alloc_aligned(4096, 4096);
+        assert_eq!(ring, 4096, "address 0 is never handed out");
+        g.pin();
+        let a = g.put(b"hello");
+        assert_eq!(a % 64, 0);
+        assert_eq!(g.read(a, 5), b"hello");
+        let big = g.alloc(40 << 10);
+        assert!(big > a && big + (40 << 10) <= g.size());
+        // No room left for another 40 KiB: it wraps to the first byte above the pinned ring.
+        assert_eq!(g.alloc(40 << 10), 8192);
+        g.write_obj(g.size() - 8, 7u64);
+        assert_eq!(g.read_obj::<u64>(g.size() - 8), 7);
+        let regions = g.regions();
+        assert_eq!(regions.len(), 1);
+        assert_eq!(regions[0].memory_size, g.size());
+        assert_eq!(regions[0].userspace_addr, g.host_base());
+    }
+}
