@@ -554,6 +554,11 @@ impl Vm {
                     s.cpus[usize::from(id)] = hotplug::PRESENT | hotplug::INSERT;
                 }
                 changed = true;
+            } else if id < desired && flag & hotplug::REMOVE != 0 {
+                // Wanted again before the guest acted on the removal request.
+                if let Some(mut s) = self.hotplug_state() {
+                    s.cpus[usize::from(id)] &= !hotplug::REMOVE;
+                }
             } else if id >= desired && present && flag & hotplug::REMOVE == 0 {
                 if let Some(mut s) = self.hotplug_state() {
                     let f = &mut s.cpus[usize::from(id)];
