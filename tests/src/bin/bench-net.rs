@@ -12,7 +12,10 @@
 //! reading frames with their virtio-net header, one system call per frame, as the daemon
 //! does), the ceiling of any tap-backed vhost-user-net daemon on this machine.
 //!
-//! Usage: bench-net [--seconds S] [--daemon PATH] [--sizes 64,1500] [--pairs 1,2]
+//! With `--dpdk PATH` the same loads also run through DPDK's testpmd forwarding between its
+//! vhost-user PMD and its tap PMD (one polling forwarding core), the peer.
+//!
+//! Usage: bench-net [--seconds S] [--daemon PATH] [--dpdk TESTPMD] [--sizes 64,1500] [--pairs 1,2]
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
@@ -31,6 +34,8 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::GuestMemoryMmap;
 
 const TAP: &str = "bn0";
+/// testpmd's runtime directory name under /var/run/dpdk (removed after each run).
+const DPDK_PREFIX: &str = "bench-net";
 const HDR: usize = 12;
 const RX_BUF: u32 = 2048;
 const QUEUE_SIZE: u16 = 256;
@@ -76,14 +81,17 @@ impl Figures {
 struct Args {
     secs: f64,
     daemon: PathBuf,
+    /// DPDK's testpmd, the peer, when available.
+    dpdk: Option<PathBuf>,
     sizes: Vec<usize>,
     pairs: Vec<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
-        secs: 2.0,
+        secs: 1.5,
         daemon: PathBuf::new(),
+        dpdk: None,
         sizes: vec![64, 1500],
         pairs: vec![1, 2],
     };
@@ -105,10 +113,11 @@ fn parse_args() -> Result<Args, String> {
                     .ok_or("--seconds needs a positive number")?
             }
             "--daemon" => daemon = Some(PathBuf::from(it.next().ok_or("--daemon needs a path")?)),
+            "--dpdk" => args.dpdk = Some(PathBuf::from(it.next().ok_or("--dpdk needs a path")?)),
             "--sizes" => args.sizes = list(it.next())?,
             "--pairs" => args.pairs = list(it.next())?,
             "-h" | "--help" => {
-                println!("usage: bench-net [--seconds S] [--daemon PATH] [--sizes 64,1500] [--pairs 1,2]");
+                println!("usage: bench-net [--seconds S] [--daemon PATH] [--dpdk TESTPMD] [--sizes 64,1500] [--pairs 1,2]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}")),
@@ -247,16 +256,66 @@ fn tap_rx_packets(ns: &NetNs) -> u64 {
     ns.counters(TAP).ok().flatten().map_or(0, |c| c.rx_packets)
 }
 
-/// The load through vhost-user-net.
-fn run_daemon(args: &Args, case: &Case) -> Figures {
+/// A vhost-user-net backend on a tap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    /// vhost-user-net.
+    Ours,
+    /// DPDK's testpmd forwarding between its vhost-user PMD and its tap PMD.
+    Dpdk,
+}
+
+/// The command line that starts `backend` serving `sock` with tap [`TAP`].
+fn backend_command(args: &Args, backend: Backend, case: &Case, sock: &std::path::Path) -> Command {
+    match backend {
+        Backend::Ours => {
+            let mut cmd = Command::new(&args.daemon);
+            cmd.args(["--tap", TAP, "--log-level", "warn", "--num-queue-pairs"])
+                .arg(case.pairs.to_string())
+                .arg("--socket")
+                .arg(sock);
+            cmd
+        }
+        Backend::Dpdk => {
+            let testpmd = args.dpdk.as_ref().expect("--dpdk given");
+            let mut cmd = Command::new(testpmd);
+            // Main lcore 0, one forwarding lcore (1) polling every queue; no hugepages, no
+            // PCI, no shared config. testpmd runs until SIGTERM with --stats-period.
+            cmd.args([
+                "-l",
+                "0-1",
+                "--no-huge",
+                "-m",
+                "512",
+                "--no-pci",
+                "--no-shconf",
+            ])
+            .arg(format!("--file-prefix={DPDK_PREFIX}"))
+            .arg("--vdev")
+            .arg(format!(
+                "net_vhost0,iface={},queues={}",
+                sock.display(),
+                case.pairs
+            ))
+            .arg("--vdev")
+            .arg(format!("net_tap0,iface={TAP}"))
+            .args(["--", "--forward-mode=io", "--nb-cores=1", "--auto-start"])
+            .arg(format!("--rxq={}", case.pairs))
+            .arg(format!("--txq={}", case.pairs))
+            .args(["--total-num-mbufs=32768", "--stats-period=3600"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+            cmd
+        }
+    }
+}
+
+/// The load through a vhost-user-net backend.
+fn run_backend(args: &Args, backend: Backend, case: &Case) -> Figures {
     let ns = NetNs::new().expect("network namespace (run as root)");
     let dir = tempfile::tempdir().expect("temporary directory");
     let sock = dir.path().join("net.sock");
-    let mut cmd = Command::new(&args.daemon);
-    cmd.args(["--tap", TAP, "--log-level", "warn", "--num-queue-pairs"])
-        .arg(case.pairs.to_string())
-        .arg("--socket")
-        .arg(&sock);
+    let mut cmd = backend_command(args, backend, case, &sock);
     ns.command(&mut cmd);
     let daemon = Daemon::spawn(&mut cmd, &sock);
     let mut features = 1u64 << VIRTIO_RING_F_EVENT_IDX | 1u64 << VIRTIO_NET_F_MRG_RXBUF;
@@ -331,6 +390,9 @@ fn run_daemon(args: &Args, case: &Case) -> Figures {
     }
     drop(s);
     drop(daemon);
+    if backend == Backend::Dpdk {
+        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{DPDK_PREFIX}"));
+    }
     Figures {
         frames: n,
         secs,
@@ -427,38 +489,74 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "bench-net: {} s per run after {} ms warm-up; daemon {}",
+        "bench-net: {} s per run after {} ms warm-up; daemon {}; peer {}",
         args.secs,
         WARMUP.as_millis(),
-        args.daemon.display()
+        args.daemon.display(),
+        args.dpdk.as_ref().map_or("none".to_string(), |p| format!(
+            "DPDK testpmd ({})",
+            p.display()
+        ))
     );
     let mut rows = Vec::new();
     for case in &cases {
         eprintln!(
-            "[bench-net] {:?} {} B, {} pair(s): vhost-user-net, then raw tap",
-            case.dir, case.size, case.pairs
+            "[bench-net] {:?} {} B, {} pair(s): vhost-user-net{}, raw tap",
+            case.dir,
+            case.size,
+            case.pairs,
+            if args.dpdk.is_some() { ", DPDK" } else { "" }
         );
-        let ours = run_daemon(&args, case);
+        let ours = run_backend(&args, Backend::Ours, case);
+        let peer = args
+            .dpdk
+            .is_some()
+            .then(|| run_backend(&args, Backend::Dpdk, case));
         let raw = run_raw_tap(&args, case);
-        rows.push((*case, ours, raw));
+        rows.push((*case, ours, peer, raw));
     }
+    let ratio = |a: &Figures, b: &Figures| {
+        if b.frames > 0 {
+            format!("{:.0}%", 100.0 * a.mpps() / b.mpps())
+        } else {
+            "-".to_string()
+        }
+    };
+    let cpu = |f: &Figures| format!("{:.0}%", f.cpu.unwrap_or(0.0) * 100.0);
     println!();
     println!(
-        "{:<4} {:>6} {:>5} | {:>9} {:>8} {:>10} | {:>9} {:>8} | {:>7}",
+        "{:<3} {:>6} {:>5} | {:>24} | {:>24} | {:>14} | {:>8} {:>8}",
+        "", "", "", "vhost-user-net", "DPDK testpmd (peer)", "raw tap", "ours/", "ours/"
+    );
+    println!(
+        "{:<3} {:>6} {:>5} | {:>7} {:>7} {:>8} | {:>7} {:>7} {:>8} | {:>7} {:>6} | {:>8} {:>8}",
         "dir",
         "frame",
         "pairs",
-        "ours Mpps",
+        "Mpps",
         "Gbit/s",
-        "daemon CPU",
-        "raw Mpps",
+        "CPU",
+        "Mpps",
         "Gbit/s",
-        "ours/raw"
+        "CPU",
+        "Mpps",
+        "Gbit/s",
+        "peer",
+        "raw"
     );
-    println!("{}", "-".repeat(88));
-    for (case, ours, raw) in &rows {
+    println!("{}", "-".repeat(108));
+    for (case, ours, peer, raw) in &rows {
+        let (pm, pg, pc, pr) = match peer {
+            Some(p) => (
+                format!("{:.3}", p.mpps()),
+                format!("{:.2}", p.gbps()),
+                cpu(p),
+                ratio(ours, p),
+            ),
+            None => ("n/a".into(), "n/a".into(), "n/a".into(), "n/a".into()),
+        };
         println!(
-            "{:<4} {:>5}B {:>5} | {:>9.3} {:>8.2} {:>9.0}% | {:>9.3} {:>8.2} | {:>6.0}%",
+            "{:<3} {:>5}B {:>5} | {:>7.3} {:>7.2} {:>8} | {:>7} {:>7} {:>8} | {:>7.3} {:>6.2} | {:>8} {:>8}",
             match case.dir {
                 Dir::Tx => "TX",
                 Dir::Rx => "RX",
@@ -467,15 +565,19 @@ fn main() -> ExitCode {
             case.pairs,
             ours.mpps(),
             ours.gbps(),
-            ours.cpu.unwrap_or(0.0) * 100.0,
+            cpu(ours),
+            pm,
+            pg,
+            pc,
             raw.mpps(),
             raw.gbps(),
-            if raw.frames > 0 {
-                100.0 * ours.mpps() / raw.mpps()
-            } else {
-                0.0
-            }
+            pr,
+            ratio(ours, raw)
         );
     }
+    println!(
+        "CPU: the backend process's CPU time over the run (100% = one core). TX counts frames \
+         the kernel got from the tap; RX counts frames that reached the receive rings."
+    );
     ExitCode::SUCCESS
 }
