@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{GuestMemoryAtomic, Vring};
-use vhost_user_backend::VringT;
+use vhost_user_backend::{VringState, VringT};
 use virtio_bindings::virtio_net::*;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
@@ -31,9 +31,11 @@ pub const MAX_FRAME: usize = 65536 + 1024;
 const ETH_HLEN: usize = 14;
 /// Frames received per wake-up before other events of the thread get their turn.
 const RX_BATCH: usize = 256;
+/// Frames received between checks whether the guest wants an interrupt.
+const RX_SIGNAL_BATCH: usize = 64;
 /// Iovecs for one transmitted chain before we linearize it instead.
 const TX_IOV_MAX: usize = 64;
-/// Most frames whose used entries we publish at once on transmit.
+/// Most frames whose used entries we publish (and tell the guest of) at once on transmit.
 const TX_USED_BATCH: usize = 64;
 /// At most one drop warning per pair per this interval.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -429,6 +431,17 @@ impl QueuePair {
                 Delivery::Delivered => {
                     delivered += 1;
                     self.rx_pending = 0;
+                    if delivered % RX_SIGNAL_BATCH == 0 {
+                        // Let the guest take these and post new buffers while we go on.
+                        let notify = ring::needs_interrupt(
+                            &*mem,
+                            rx.get_ref().get_queue(),
+                            &mut self.rx_signalled,
+                        );
+                        if notify {
+                            rx.signal_used_queue()?;
+                        }
+                    }
                 }
                 Delivery::Dropped => self.rx_pending = 0,
                 Delivery::Retry => {}
@@ -649,9 +662,9 @@ impl QueuePair {
     fn drain_tx<M: GuestMemoryBackend>(&mut self, mem: &M, tx: &Vring, neg: Negotiated) -> bool {
         self.used.clear();
         let mut state = tx.get_mut();
-        let queue: &mut Queue = state.get_queue_mut();
         let mut sound = true;
         loop {
+            let queue: &mut Queue = state.get_queue_mut();
             let Some((_, avail)) = ring::available(mem, queue) else {
                 self.drops.warn(
                     self.index,
@@ -686,17 +699,32 @@ impl QueuePair {
                 self.used.push((head, 0));
             }
             if self.used.len() >= TX_USED_BATCH {
-                if let Err(e) = ring::publish_used(mem, queue, &self.used) {
-                    log::debug!("queue pair {}: used ring unwritable: {e}", self.index);
-                }
-                self.used.clear();
+                self.publish_tx(mem, &mut state);
             }
         }
-        if let Err(e) = ring::publish_used(mem, queue, &self.used) {
+        self.publish_tx(mem, &mut state);
+        sound
+    }
+
+    /// Publish the transmit chains used so far and, when the guest asked to hear of them,
+    /// tell it at once: it refills the ring while we go on writing.
+    fn publish_tx<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        state: &mut VringState<GuestMemoryAtomic>,
+    ) {
+        if self.used.is_empty() {
+            return;
+        }
+        if let Err(e) = ring::publish_used(mem, state.get_queue_mut(), &self.used) {
             log::debug!("queue pair {}: used ring unwritable: {e}", self.index);
         }
         self.used.clear();
-        sound
+        if ring::needs_interrupt(mem, state.get_queue(), &mut self.tx_signalled) {
+            if let Err(e) = state.signal_used_queue() {
+                log::error!("queue pair {}: cannot notify the guest: {e}", self.index);
+            }
+        }
     }
 
     /// Write the chain at `head` to the tap. Errors other than `WouldBlock` mean the chain
