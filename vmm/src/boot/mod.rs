@@ -5,6 +5,7 @@
 pub mod acpi;
 pub mod cpuid;
 pub mod regs;
+mod sendfile;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -108,8 +109,9 @@ pub fn load_linux(
     let load_err =
         |e: linux_loader::loader::Error| BootError::KernelLoad(kernel.into(), e.to_string());
     let (entry, kernel_end, mut hdr) = if elf {
-        let r =
-            Elf::load(mem, None, &mut file, Some(GuestAddress(KERNEL_START))).map_err(load_err)?;
+        let mut source = sendfile::SendfileSource::new(&mut file, mem);
+        let r = Elf::load(mem, None, &mut source, Some(GuestAddress(KERNEL_START)))
+            .map_err(load_err)?;
         let hdr = setup_header {
             boot_flag: 0xaa55,
             header: 0x5372_6448, // "HdrS"
@@ -120,7 +122,8 @@ pub fn load_linux(
         };
         (r.kernel_load.raw_value(), r.kernel_end, hdr)
     } else {
-        let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(KERNEL_START)))
+        let mut source = sendfile::SendfileSource::new(&mut file, mem);
+        let r = BzImage::load(mem, None, &mut source, Some(GuestAddress(KERNEL_START)))
             .map_err(load_err)?;
         let hdr = r
             .setup_header
@@ -193,7 +196,8 @@ fn load_initramfs(
     if addr < kernel_end || addr < BIOS_END || size > u64::from(u32::MAX) {
         return Err(too_large());
     }
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    let mut source = sendfile::SendfileSource::new(&mut file, mem);
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut source, size as usize)
         .map_err(|e| BootError::Initramfs(path.into(), std::io::Error::other(e.to_string())))?;
     Ok((addr, size))
 }
