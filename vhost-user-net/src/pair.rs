@@ -19,6 +19,7 @@ use vhost_user_backend::{VringState, VringT};
 use virtio_bindings::virtio_net::*;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::volatile_memory::PtrGuard;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::ring::{self, ChainError, Direction};
@@ -663,6 +664,8 @@ impl QueuePair {
         self.used.clear();
         let mut state = tx.get_mut();
         let mut sound = true;
+        // Reused for every chain of this burst (one allocation per burst, not per frame).
+        let mut guards = Vec::with_capacity(TX_IOV_MAX);
         loop {
             let queue: &mut Queue = state.get_queue_mut();
             let Some((_, avail)) = ring::available(mem, queue) else {
@@ -680,7 +683,9 @@ impl QueuePair {
                 sound = false;
                 break;
             };
-            match self.transmit(mem, queue, head, neg) {
+            let sent = self.transmit(mem, queue, head, neg, &mut guards);
+            guards.clear();
+            match sent {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Leave the chain available and wait for EPOLLOUT.
@@ -735,6 +740,7 @@ impl QueuePair {
         queue: &Queue,
         head: u16,
         neg: Negotiated,
+        guards: &mut Vec<PtrGuard>,
     ) -> io::Result<()> {
         let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidData, msg);
         ring::walk_chain(mem, queue, head, Direction::DeviceReads, &mut self.tx_descs)
@@ -771,7 +777,6 @@ impl QueuePair {
             iov_len: 0,
         }; TX_IOV_MAX];
         let mut count = 0;
-        let mut guards = Vec::new();
         let mut fits = true;
         'descs: for d in &self.tx_descs {
             for slice in mem.get_slices(d.addr(), d.len() as usize) {
@@ -794,7 +799,7 @@ impl QueuePair {
             // mapped by `guards` and the memory guard the caller holds during the call.
             unsafe { self.tap.writev(&iov[..count]) }
         } else {
-            drop(guards);
+            guards.clear();
             self.tx_linear.clear();
             self.tx_linear.resize(total, 0);
             let mut off = 0;
