@@ -26,6 +26,11 @@ pub enum SandboxError {
     /// The directory path contains a NUL byte.
     #[error("{0}: path contains a NUL byte")]
     Path(String),
+    /// The process root is the initramfs (rootfs), which pivot_root(2) cannot leave.
+    #[error(
+        "sandbox: pivot_root is impossible while / is an initramfs (rootfs); use --sandbox chroot"
+    )]
+    RootIsInitramfs,
     /// A system call failed.
     #[error("sandbox: {step} failed")]
     Syscall {
@@ -96,9 +101,16 @@ pub fn enter(mode: SandboxMode, dir: &Path) -> Result<(), SandboxError> {
             // pivot_root(".", ".") stacks the old root on top of the new one; detaching it
             // leaves only the shared directory.
             // SAFETY: NUL-terminated paths.
-            check("pivot_root", unsafe {
+            let pivot = check("pivot_root", unsafe {
                 libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int
-            })?;
+            });
+            if let Err(SandboxError::Syscall { source, .. }) = &pivot {
+                // EINVAL for valid arguments: the current root is rootfs (an initramfs).
+                if source.raw_os_error() == Some(libc::EINVAL) {
+                    return Err(SandboxError::RootIsInitramfs);
+                }
+            }
+            pivot?;
             // SAFETY: NUL-terminated path.
             check("detach the old root", unsafe {
                 libc::umount2(c".".as_ptr(), libc::MNT_DETACH)
