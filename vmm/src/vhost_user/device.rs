@@ -725,7 +725,7 @@ impl VhostUserDevice {
 
     /// Send features, memory table and every queue of `active`, then enable the queues.
     /// After a reconnect (`kick`) each queue is kicked so the daemon looks at work the guest
-    /// queued while it was away.
+    /// queued while it was away, and the guest is interrupted once per queue.
     fn start_rings(&mut self, active: &ActiveState, kick: bool) -> Result<(), VhostUserError> {
         let regions = self.mem_table()?;
         let mut addrs = Vec::with_capacity(active.queues.len());
@@ -787,6 +787,15 @@ impl VhostUserDevice {
             for q in &active.queues {
                 if let Err(e) = q.kick.write(1) {
                     log::warn!("cannot kick queue {}: {e}", q.config.index);
+                }
+                // The old daemon may have published completions in the used ring and died
+                // before signalling them; the driver would wait for them forever. A spurious
+                // interrupt only makes it look.
+                if let Err(e) = q.call.write(1) {
+                    log::warn!(
+                        "cannot interrupt the guest for queue {}: {e}",
+                        q.config.index
+                    );
                 }
             }
         }

@@ -13,8 +13,9 @@
 //! socket waits for the daemon to connect again. A new connection gets the negotiation, the
 //! memory table and, for each running queue, its size, addresses, kick/call fds and a base
 //! index read from the used ring in guest memory (the new daemon has no state). The queues are
-//! then enabled and kicked once, so requests the guest queued meanwhile are served. The guest
-//! keeps running throughout; its I/O just stalls while the daemon is away.
+//! then enabled and kicked once, so requests the guest queued meanwhile are served, and each
+//! queue's interrupt fires once, for completions the old daemon published but did not signal.
+//! The guest keeps running throughout; its I/O just stalls while the daemon is away.
 //!
 //! Requests in flight when the daemon died are resubmitted from the used index on (block
 //! requests may run twice); exact resumption needs VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, which

@@ -467,7 +467,13 @@ fn client_mode_reconnect_replays_rings_from_used_index_and_kicks() {
     })
     .unwrap();
     let first = streams.recv().unwrap();
-    dev.activate(VERSION_1, vec![queue(0, 0x10000)]).unwrap();
+    let q = queue(0, 0x10000);
+    let guest_interrupt = q.call.try_clone().unwrap();
+    dev.activate(VERSION_1, vec![q]).unwrap();
+    assert!(
+        guest_interrupt.read().is_err(),
+        "no interrupt at activation"
+    );
 
     // The daemon crashes after completing 5 requests (guest's used.idx == 5).
     mem.memory()
@@ -504,6 +510,8 @@ fn client_mode_reconnect_replays_rings_from_used_index_and_kicks() {
     let mut count = [0u8; 8];
     (&kick).read_exact(&mut count).unwrap();
     assert_eq!(u64::from_le_bytes(count), 1);
+    // And the guest was interrupted once, for completions the old daemon did not signal.
+    assert_eq!(guest_interrupt.read().unwrap(), 1);
     dev.shutdown();
 }
 
