@@ -337,13 +337,44 @@ fn socket_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("daemon.sock")
 }
 
+/// A mock block daemon listening on a fresh socket, and 1 MiB of memfd guest memory.
+struct BlockFixture {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    state: Arc<Mutex<MockState>>,
+    streams: mpsc::Receiver<UnixStream>,
+    mem: GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>,
+}
+
+impl BlockFixture {
+    /// Starts the daemon after `configure` has adjusted its state.
+    fn new(configure: impl FnOnce(&mut MockState)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(&dir);
+        let state = block_daemon_state();
+        configure(&mut state.lock().unwrap());
+        let streams = spawn_listening_daemon(&path, state.clone());
+        let mem = memfd_memory(1 << 20);
+        BlockFixture {
+            _dir: dir,
+            path,
+            state,
+            streams,
+            mem,
+        }
+    }
+
+    /// Connects a frontend to the daemon (client mode).
+    fn device(&self) -> VhostUserDevice {
+        VhostUserDevice::new(&block_config(&self.path), self.mem.clone()).unwrap()
+    }
+}
+
 #[test]
 fn negotiation_filters_features_and_clamps_queues() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = socket_path(&dir);
-    let state = block_daemon_state();
-    let _streams = spawn_listening_daemon(&path, state.clone());
-    let mut dev = VhostUserDevice::new(&block_config(&path), memfd_memory(1 << 20)).unwrap();
+    let fx = BlockFixture::new(|_| {});
+    let state = fx.state.clone();
+    let mut dev = fx.device();
 
     // Transport features the VMM cannot honour are withheld; PROTOCOL_FEATURES is vhost-user's.
     assert_eq!(dev.features(), VERSION_1 | BLK_F_MQ | BLK_F_FLUSH);
@@ -375,12 +406,9 @@ fn negotiation_filters_features_and_clamps_queues() {
 
 #[test]
 fn activation_sends_rings_and_reset_stops_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = socket_path(&dir);
-    let state = block_daemon_state();
-    let _streams = spawn_listening_daemon(&path, state.clone());
-    let mem = memfd_memory(1 << 20);
-    let mut dev = VhostUserDevice::new(&block_config(&path), mem.clone()).unwrap();
+    let fx = BlockFixture::new(|_| {});
+    let state = fx.state.clone();
+    let mut dev = fx.device();
     state.lock().unwrap().requests.clear();
 
     dev.activate(
@@ -454,12 +482,9 @@ fn anonymous_guest_memory_is_refused() {
 
 #[test]
 fn client_mode_reconnect_replays_rings_from_used_index_and_kicks() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = socket_path(&dir);
-    let state = block_daemon_state();
-    let streams = spawn_listening_daemon(&path, state.clone());
-    let mem = memfd_memory(1 << 20);
-    let mut dev = VhostUserDevice::new(&block_config(&path), mem.clone()).unwrap();
+    let fx = BlockFixture::new(|_| {});
+    let (state, mem, streams) = (fx.state.clone(), fx.mem.clone(), &fx.streams);
+    let mut dev = fx.device();
     let epoll = Arc::new(Epoll::new().unwrap());
     dev.register_events(EventRegistration {
         epoll: epoll.clone(),
@@ -727,12 +752,9 @@ fn hot_add(
 
 #[test]
 fn hot_added_memory_reaches_the_daemon() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = socket_path(&dir);
-    let state = block_daemon_state();
-    let _streams = spawn_listening_daemon(&path, state.clone());
-    let mem = memfd_memory(1 << 20);
-    let mut dev = VhostUserDevice::new(&block_config(&path), mem.clone()).unwrap();
+    let fx = BlockFixture::new(|_| {});
+    let (state, mem) = (fx.state.clone(), fx.mem.clone());
+    let mut dev = fx.device();
     state.lock().unwrap().requests.clear();
 
     // Before the rings run the daemon has no table: nothing to send now, all of it later.
@@ -754,15 +776,13 @@ fn hot_added_memory_reaches_the_daemon() {
 
 #[test]
 fn hot_added_memory_without_mem_slots_resends_the_table() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = socket_path(&dir);
-    let state = block_daemon_state();
-    state.lock().unwrap().protocol = VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIG;
-    let _streams = spawn_listening_daemon(&path, state.clone());
-    let mem = memfd_memory(1 << 20);
-    let mut dev = VhostUserDevice::new(&block_config(&path), mem.clone()).unwrap();
+    let fx = BlockFixture::new(|state| {
+        state.protocol = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG;
+    });
+    let (state, mem) = (fx.state.clone(), fx.mem.clone());
+    let mut dev = fx.device();
     dev.activate(VERSION_1, vec![queue(0, 0x10000)]).unwrap();
     state.lock().unwrap().requests.clear();
     let region = hot_add(&mem, 1 << 32, 1 << 20);
