@@ -336,17 +336,7 @@ impl QueuePair {
             log::info!("queue pair {}: enabled; tap queue attached", self.index);
         } else {
             // Out of the epoll set first: a detached queue polls as an error.
-            if let Some(epoll) = self.epoll {
-                // SAFETY: removes our tap fd from the worker's live epoll instance.
-                unsafe {
-                    libc::epoll_ctl(
-                        epoll,
-                        libc::EPOLL_CTL_DEL,
-                        self.tap_fd(),
-                        std::ptr::null_mut(),
-                    )
-                };
-            }
+            self.unwatch_tap();
             self.interest = 0;
             self.tx_blocked = false;
             if self.rx_pending > 0 {
@@ -370,15 +360,11 @@ impl QueuePair {
         }
     }
 
-    /// The tap reported an error condition (interface deleted): stop polling it, or the
-    /// level-triggered error would spin the thread.
-    pub fn tap_failed(&mut self) {
+    /// Takes the tap fd out of the worker's epoll set, if the pair has one.
+    fn unwatch_tap(&self) {
         if let Some(epoll) = self.epoll {
-            log::error!(
-                "queue pair {}: the tap reports an error (interface gone?); no more traffic on this pair",
-                self.index
-            );
-            // SAFETY: removes our tap fd from the worker's live epoll instance.
+            // SAFETY: removes our tap fd from the worker's live epoll instance; no memory is
+            // passed (EPOLL_CTL_DEL ignores the event argument).
             unsafe {
                 libc::epoll_ctl(
                     epoll,
@@ -387,6 +373,18 @@ impl QueuePair {
                     std::ptr::null_mut(),
                 )
             };
+        }
+    }
+
+    /// The tap reported an error condition (interface deleted): stop polling it, or the
+    /// level-triggered error would spin the thread.
+    pub fn tap_failed(&mut self) {
+        if self.epoll.is_some() {
+            log::error!(
+                "queue pair {}: the tap reports an error (interface gone?); no more traffic on this pair",
+                self.index
+            );
+            self.unwatch_tap();
             self.epoll = None;
         }
     }
