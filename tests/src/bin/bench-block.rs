@@ -5,6 +5,10 @@
 //! requests in flight on each of Q queues (one thread per queue, its own ring and buffers),
 //! measures IOPS and per-request latency (post to used-ring completion), and reads the
 //! daemon's CPU time (utime + stime of all its threads) over the measured interval.
+//! The daemons take turns on each workload (`--rounds N` repeats the turns and keeps each
+//! daemon's best run: other work on a shared machine only ever slows a run down), so a burst
+//! of load from elsewhere hits both rather than whichever happened to run then.
+//! `--also PATH` adds a second build of vhost-user-block (for before/after comparisons).
 //! Run it through `scripts/bench-block`, which builds and installs what it needs.
 
 use std::path::{Path, PathBuf};
@@ -24,7 +28,9 @@ struct Args {
     dir: PathBuf,
     direct: bool,
     ours: PathBuf,
+    also: Option<PathBuf>,
     peer: String,
+    rounds: usize,
     event_idx: bool,
     only: Option<String>,
 }
@@ -32,7 +38,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: bench-block [--seconds S] [--size-mib N] [--dir DIR] [--direct] [--no-event-idx]\n\
-         \x20                  [--only NAME-PART] [--ours PATH] [--peer PATH]\n\
+         \x20                  [--only NAME-PART] [--rounds N] [--ours PATH] [--also PATH] [--peer PATH]\n\
          defaults: 2 s per workload, a 256 MiB image in /dev/shm, page-cache I/O"
     );
     std::process::exit(2)
@@ -46,7 +52,9 @@ fn parse_args() -> Args {
         dir: PathBuf::from("/dev/shm"),
         direct: false,
         ours: exe.with_file_name("vhost-user-block"),
+        also: None,
         peer: "qemu-storage-daemon".into(),
+        rounds: 1,
         event_idx: true,
         only: None,
     };
@@ -61,6 +69,13 @@ fn parse_args() -> Args {
             "--no-event-idx" => a.event_idx = false,
             "--only" => a.only = Some(val()),
             "--ours" => a.ours = PathBuf::from(val()),
+            "--also" => a.also = Some(PathBuf::from(val())),
+            "--rounds" => {
+                a.rounds = val().parse().unwrap_or_else(|_| usage());
+                if a.rounds == 0 {
+                    usage();
+                }
+            }
             "--peer" => a.peer = val(),
             _ => usage(),
         }
@@ -290,48 +305,103 @@ fn run_workload(s: &mut Session, pid: u32, w: Workload, blocks: u64, seconds: f6
     }
 }
 
-fn bench_daemon(
-    label: &str,
-    cmd: &mut Command,
-    socket: &Path,
+/// A daemon under test with its frontend session.
+struct Contender {
+    label: String,
+    daemon: Daemon,
+    session: Session,
+    socket: PathBuf,
+}
+
+impl Contender {
+    fn start(label: &str, cmd: &mut Command, socket: &Path, args: &Args) -> Result<Self, String> {
+        eprintln!("bench-block: {label}: starting");
+        let daemon = Daemon::spawn(cmd.stdout(Stdio::null()), socket);
+        let features = if args.event_idx { F_EVENT_IDX } else { 0 };
+        let opts = Options {
+            features,
+            num_queues: QUEUES,
+            queue_size: 256,
+            mem_size: 64 << 20,
+            ..Options::default()
+        };
+        let session = Session::connect(socket, &opts).map_err(|e| format!("{label}: {e}"))?;
+        Ok(Contender {
+            label: label.to_owned(),
+            daemon,
+            session,
+            socket: socket.to_owned(),
+        })
+    }
+}
+
+impl Drop for Contender {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Run every workload on every daemon, the daemons taking turns, `rounds` times; each
+/// daemon's best run (highest IOPS) per workload, indexed `[daemon][workload]`.
+fn bench(
+    contenders: &mut [Contender],
     args: &Args,
     workloads: &[Workload],
     blocks: u64,
-) -> Result<Vec<Figures>, String> {
-    eprintln!("bench-block: {label}: starting");
-    let daemon = Daemon::spawn(cmd.stdout(Stdio::null()), socket);
-    let features = if args.event_idx { F_EVENT_IDX } else { 0 };
-    let opts = Options {
-        features,
-        num_queues: QUEUES,
-        queue_size: 256,
-        mem_size: 64 << 20,
-        ..Options::default()
-    };
-    let mut s = Session::connect(socket, &opts).map_err(|e| format!("{label}: {e}"))?;
-    let mut out = Vec::new();
+) -> Vec<Vec<Figures>> {
+    let mut best = vec![Vec::new(); contenders.len()];
     for w in workloads {
-        let f = run_workload(&mut s, daemon.pid(), *w, blocks, args.seconds);
-        eprintln!(
-            "bench-block: {label}: {:<20} {:>9.0} IOPS  p50 {:>7.1} us  p99 {:>7.1} us  CPU {:.2} s (frontend {:.2} s){}",
-            w.name(),
-            f.iops,
-            f.p50_us,
-            f.p99_us,
-            f.cpu_s,
-            f.frontend_cpu_s,
-            if f.errors > 0 {
-                format!("  {} ERRORS", f.errors)
-            } else {
-                String::new()
+        let mut round_best: Vec<Option<Figures>> = vec![None; contenders.len()];
+        for round in 0..args.rounds {
+            for (c, slot) in contenders.iter_mut().zip(round_best.iter_mut()) {
+                let f = run_workload(&mut c.session, c.daemon.pid(), *w, blocks, args.seconds);
+                eprintln!(
+                    "bench-block: {:<19} {:<20} round {}: {:>9.0} IOPS  p50 {:>7.1} us  p99 {:>7.1} us  CPU {:.2} s (frontend {:.2} s){}",
+                    c.label,
+                    w.name(),
+                    round + 1,
+                    f.iops,
+                    f.p50_us,
+                    f.p99_us,
+                    f.cpu_s,
+                    f.frontend_cpu_s,
+                    if f.errors > 0 {
+                        format!("  {} ERRORS", f.errors)
+                    } else {
+                        String::new()
+                    }
+                );
+                // Errors are never hidden by a better round.
+                let errors = f.errors + slot.as_ref().map_or(0, |b| b.errors);
+                if slot.as_ref().is_none_or(|b| f.iops > b.iops) {
+                    *slot = Some(f);
+                }
+                if let Some(b) = slot.as_mut() {
+                    b.errors = errors;
+                }
             }
-        );
-        out.push(f);
+        }
+        for (b, f) in best.iter_mut().zip(round_best) {
+            b.push(f.unwrap_or_default());
+        }
     }
-    drop(s);
-    drop(daemon);
-    let _ = std::fs::remove_file(socket);
-    Ok(out)
+    best
+}
+
+/// Write the image and leave none of it dirty or cached: otherwise whichever daemon runs first
+/// with O_DIRECT pays for writing back the page cache (and for invalidating it) under its load.
+fn write_image(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    // SAFETY: fadvise on our own open descriptor; no memory is passed.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
 }
 
 fn ratio(a: f64, b: f64) -> String {
@@ -368,7 +438,7 @@ fn main() -> ExitCode {
     let data: Vec<u8> = (0..size / 8)
         .flat_map(|_| rng.next().to_le_bytes())
         .collect();
-    if let Err(e) = std::fs::write(&image, data) {
+    if let Err(e) = write_image(&image, &data) {
         eprintln!("bench-block: cannot write {}: {e}", image.display());
         return ExitCode::FAILURE;
     }
@@ -393,15 +463,19 @@ fn main() -> ExitCode {
     }
 
     let ours_sock = dir.path().join("ours.sock");
-    let mut ours = Command::new(&args.ours);
-    ours.arg("--path")
-        .arg(&image)
-        .args(["--num-queues", &QUEUES.to_string(), "--socket"])
-        .arg(&ours_sock)
-        .env("RUST_LOG", "warn");
-    if args.direct {
-        ours.arg("--direct");
-    }
+    let our_command = |binary: &Path, socket: &Path| {
+        let mut cmd = Command::new(binary);
+        cmd.arg("--path")
+            .arg(&image)
+            .args(["--num-queues", &QUEUES.to_string(), "--socket"])
+            .arg(socket)
+            .env("RUST_LOG", "warn");
+        if args.direct {
+            cmd.arg("--direct");
+        }
+        cmd
+    };
+    let mut ours = our_command(&args.ours, &ours_sock);
     let peer_sock = dir.path().join("peer.sock");
     let cache = if args.direct {
         "cache.direct=on,aio=io_uring"
@@ -420,58 +494,69 @@ fn main() -> ExitCode {
             peer_sock.display()
         ));
 
-    let mut figures = Vec::new();
-    for (label, cmd, socket) in [
-        ("vhost-user-block", &mut ours, &ours_sock),
-        ("qemu-storage-daemon", &mut peer, &peer_sock),
-    ] {
-        match bench_daemon(label, cmd, socket, &args, &workloads, blocks) {
-            Ok(f) => figures.push(f),
+    let mut contenders = Vec::new();
+    let also_sock = dir.path().join("also.sock");
+    let mut also = args.also.as_ref().map(|path| our_command(path, &also_sock));
+    let mut starts = vec![("vhost-user-block", &mut ours, &ours_sock)];
+    if let Some(cmd) = also.as_mut() {
+        starts.push(("vhost-user-block-b", cmd, &also_sock));
+    }
+    starts.push(("qemu-storage-daemon", &mut peer, &peer_sock));
+    for (label, cmd, socket) in starts {
+        match Contender::start(label, cmd, socket, &args) {
+            Ok(c) => contenders.push(c),
             Err(e) => {
                 eprintln!("bench-block: {e}");
                 return ExitCode::FAILURE;
             }
         }
     }
-    let (ours_fig, peer_fig) = (&figures[0], &figures[1]);
+    let figures = bench(&mut contenders, &args, &workloads, blocks);
+    drop(contenders);
+    let peer_fig = figures.last().expect("the peer was benchmarked");
 
     println!(
-        "\n4 KiB random I/O, {} MiB image in {}{}, {} s per workload, EVENT_IDX {}; ours = vhost-user-block, qsd = qemu-storage-daemon",
+        "\n4 KiB random I/O, {} MiB image in {}{}, {} s per workload, best of {} interleaved round(s), EVENT_IDX {}; qsd = qemu-storage-daemon",
         args.size_mib,
         args.dir.display(),
         if args.direct { " (O_DIRECT)" } else { " (page cache)" },
         args.seconds,
+        args.rounds,
         if args.event_idx { "on" } else { "off" }
     );
-    println!(
-        "{:<20} {:>9} {:>9} {:>6} | {:>15} {:>15} {:>6} | {:>9} {:>9} {:>6}",
-        "workload",
-        "ours IOPS",
-        "qsd IOPS",
-        "ratio",
-        "ours p50/p99 us",
-        "qsd p50/p99 us",
-        "p50",
-        "ours/CPUs",
-        "qsd/CPUs",
-        "ratio"
-    );
-    let mut errors = 0;
-    for ((w, o), p) in workloads.iter().zip(ours_fig).zip(peer_fig) {
-        errors += o.errors + p.errors;
+    let mut errors = peer_fig.iter().map(|f| f.errors).sum::<u64>();
+    let names = ["ours = vhost-user-block", "ours = --also build"];
+    for (ours_fig, name) in figures[..figures.len() - 1].iter().zip(names) {
+        println!("{name}");
         println!(
-            "{:<20} {:>9.0} {:>9.0} {:>6} | {:>15} {:>15} {:>6} | {:>9.0} {:>9.0} {:>6}",
-            w.name(),
-            o.iops,
-            p.iops,
-            ratio(o.iops, p.iops),
-            format!("{:.1}/{:.1}", o.p50_us, o.p99_us),
-            format!("{:.1}/{:.1}", p.p50_us, p.p99_us),
-            ratio(o.p50_us, p.p50_us),
-            o.iops_per_cpu(),
-            p.iops_per_cpu(),
-            ratio(o.iops_per_cpu(), p.iops_per_cpu()),
+            "{:<20} {:>9} {:>9} {:>6} | {:>15} {:>15} {:>6} | {:>9} {:>9} {:>6}",
+            "workload",
+            "ours IOPS",
+            "qsd IOPS",
+            "ratio",
+            "ours p50/p99 us",
+            "qsd p50/p99 us",
+            "p50",
+            "ours/CPUs",
+            "qsd/CPUs",
+            "ratio"
         );
+        for ((w, o), p) in workloads.iter().zip(ours_fig).zip(peer_fig) {
+            errors += o.errors;
+            println!(
+                "{:<20} {:>9.0} {:>9.0} {:>6} | {:>15} {:>15} {:>6} | {:>9.0} {:>9.0} {:>6}",
+                w.name(),
+                o.iops,
+                p.iops,
+                ratio(o.iops, p.iops),
+                format!("{:.1}/{:.1}", o.p50_us, o.p99_us),
+                format!("{:.1}/{:.1}", p.p50_us, p.p99_us),
+                ratio(o.p50_us, p.p50_us),
+                o.iops_per_cpu(),
+                p.iops_per_cpu(),
+                ratio(o.iops_per_cpu(), p.iops_per_cpu()),
+            );
+        }
     }
     println!(
         "(IOPS/CPUs = requests per second of daemon CPU time; p50 ratio < 1 means ours is faster)"
