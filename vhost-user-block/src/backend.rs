@@ -280,7 +280,7 @@ impl BlockBackend {
                                 Outcome::Done(used) => used,
                                 Outcome::Transfer(t) => {
                                     match uring.push(&inner.disk, head, t, arc.clone()) {
-                                        // Completed later, from the ring's completion eventfd.
+                                        // Completed later, when the ring reports it.
                                         Ok(()) => continue,
                                         Err((t, e)) => {
                                             log::warn!(
@@ -499,7 +499,7 @@ impl VhostUserBackend for BlockBackend {
             )
         })?;
         if usize::from(device_event) > self.0.config.num_queues {
-            // The queue's io_uring completion eventfd (registered in attach_workers).
+            // The queue's io_uring (its descriptor is registered in attach_workers).
             return self.reap_queue(thread_id, vring);
         }
         self.process_queue(thread_id, vring)

@@ -1,16 +1,17 @@
 //! The io_uring engine: many requests in flight per queue, for disks where one synchronous
 //! request at a time per queue thread cannot keep the device busy (O_DIRECT on real disks).
 //!
-//! Each queue owns a ring whose completions signal an eventfd that the queue's worker thread
-//! polls next to the kick eventfd. A request keeps its guest memory mapping alive (an `Arc` of
-//! the memory map it was parsed against) until its completion is reaped.
+//! Each queue owns a ring whose file descriptor the queue's worker thread polls next to the kick
+//! eventfd: it is readable while completions wait, so no eventfd is signalled and read per
+//! burst. The ring is sized to the largest virtqueue, so every request the guest can have
+//! outstanding fits. A request keeps its guest memory mapping alive (an `Arc` of the memory map
+//! it was parsed against) until its completion is reaped.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::disk::Disk;
 use crate::request::Transfer;
@@ -30,28 +31,27 @@ unsafe impl Send for InFlight {}
 /// One queue's ring and its in-flight requests.
 pub struct UringQueue {
     ring: IoUring,
-    completions: EventFd,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
+    /// Completions taken off the ring by `reap`, kept to reuse its allocation.
+    finished: Vec<(u64, i32)>,
 }
 
 impl UringQueue {
     /// A ring with room for `entries` requests (the queue size).
     pub fn new(entries: u16) -> io::Result<Self> {
         let ring = IoUring::new(u32::from(entries))?;
-        let completions = EventFd::new(EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(completions.as_raw_fd())?;
         Ok(UringQueue {
             ring,
-            completions,
             slots: (0..entries).map(|_| None).collect(),
             free: (0..usize::from(entries)).rev().collect(),
+            finished: Vec::with_capacity(usize::from(entries)),
         })
     }
 
-    /// Readable when completions are waiting.
+    /// Readable when completions are waiting (the ring's own descriptor).
     pub fn completion_fd(&self) -> RawFd {
-        self.completions.as_raw_fd()
+        self.ring.as_raw_fd()
     }
 
     /// Requests submitted and not yet reaped.
@@ -117,13 +117,9 @@ impl UringQueue {
 
     /// Complete every finished request: `done(head, used_len)` for each.
     pub fn reap(&mut self, disk: &Disk, mut done: impl FnMut(u16, u32)) {
-        let _ = self.completions.read();
-        let finished: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (slot, result) in finished {
+        let mut finished = std::mem::take(&mut self.finished);
+        finished.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(slot, result) in &finished {
             let Some(req) = self.slots.get_mut(slot as usize).and_then(Option::take) else {
                 log::error!("io_uring completion for an unknown slot {slot}");
                 continue;
@@ -158,6 +154,8 @@ impl UringQueue {
             };
             done(req.head, t.complete(&*req.mem, ok));
         }
+        finished.clear();
+        self.finished = finished;
     }
 
     /// Wait for every in-flight request and complete it.
