@@ -597,6 +597,36 @@ impl PassthroughFs {
         self.lookup_cstr(parent, name)
     }
 
+    /// Give the file just created and opened as `file` to the caller and count a lookup of
+    /// it. Unlike a lookup by name this needs no path walk, and the entry is the very inode
+    /// `file` refers to even if the name was replaced meanwhile: one fstat, plus an `O_PATH`
+    /// reopen through `/proc/self/fd` when the inode is new to the guest.
+    fn register_created(&self, file: &OwnedFd, caller: Caller) -> FsResult<EntryOut> {
+        let uid = self.cfg.uid_map.to_host(caller.uid);
+        let gid = self.cfg.gid_map.to_host(caller.gid);
+        if self.am_root && (uid, gid) != self.own_ids {
+            // SAFETY: plain syscall on a valid descriptor.
+            if unsafe { libc::fchown(file.as_raw_fd(), uid, gid) } < 0 {
+                log::debug!(
+                    "cannot give new entry to {uid}:{gid}: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+        let st = sys::fstat(file.as_fd()).map_err(errno)?;
+        if let Some(entry) = self.reference_known(&st) {
+            return Ok(entry);
+        }
+        let path = sys::openat(
+            self.proc_self_fd.as_fd(),
+            &sys::fd_name(file.as_fd()),
+            libc::O_PATH,
+            0,
+        )
+        .map_err(errno)?;
+        self.intern(path, &st)
+    }
+
     /// SYMLINK: `name` in `parent` pointing to `target` (stored verbatim; never followed here).
     pub fn symlink(
         &self,
@@ -801,7 +831,7 @@ impl PassthroughFs {
             (mode & !umask) & 0o7777,
         )
         .map_err(errno)?;
-        let entry = self.finish_create(&parent_inode, &name, caller)?;
+        let entry = self.register_created(&fd, caller)?;
         let fh = match self.add_handle(Handle::File(fd)) {
             Ok(fh) => fh,
             Err(e) => {

@@ -93,10 +93,42 @@ pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> 
     })
 }
 
-/// The text of a decimal number as a C string (for `/proc/self/fd/N` entries).
-pub fn fd_name(fd: BorrowedFd<'_>) -> CString {
-    // A decimal number has no interior NUL.
-    CString::new(fd.as_raw_fd().to_string()).unwrap_or_default()
+/// A descriptor's entry name in `/proc/self/fd`: its number in decimal, NUL-terminated, kept
+/// on the stack (it is built on every OPEN, SETATTR and ACCESS).
+pub struct FdName {
+    buf: [u8; 12],
+    len: usize,
+}
+
+impl std::ops::Deref for FdName {
+    type Target = CStr;
+    fn deref(&self) -> &CStr {
+        CStr::from_bytes_with_nul(&self.buf[..self.len]).expect("decimal digits and one NUL")
+    }
+}
+
+/// The `/proc/self/fd` entry name of `fd`.
+pub fn fd_name(fd: BorrowedFd<'_>) -> FdName {
+    // Descriptors are non-negative, so at most 10 digits.
+    let mut n = fd.as_raw_fd().unsigned_abs();
+    let mut digits = [0u8; 10];
+    let mut count = 0;
+    loop {
+        digits[count] = b'0' + (n % 10) as u8;
+        count += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut name = FdName {
+        buf: [0; 12],
+        len: count + 1,
+    };
+    for (i, d) in digits[..count].iter().rev().enumerate() {
+        name.buf[i] = *d;
+    }
+    name
 }
 
 /// Raw syscall return to io::Result.
@@ -131,5 +163,19 @@ pub fn lseek(fd: BorrowedFd<'_>, offset: i64, whence: i32) -> io::Result<u64> {
         Err(io::Error::last_os_error())
     } else {
         Ok(ret as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_name_is_the_decimal_number() {
+        for n in [0, 7, 10, 255, 1_000_000, i32::MAX] {
+            // SAFETY: the borrowed descriptor is only formatted, never used.
+            let fd = unsafe { BorrowedFd::borrow_raw(n) };
+            assert_eq!(fd_name(fd).to_bytes(), n.to_string().as_bytes());
+        }
     }
 }

@@ -71,11 +71,25 @@ impl Fixture {
     }
 
     fn call_cap(&self, opcode: u32, nodeid: u64, body: &[u8], cap: usize) -> (i32, Vec<u8>) {
+        self.call_as((0, 0), opcode, nodeid, body, cap)
+    }
+
+    /// A request from guest user `uid:gid`.
+    fn call_as(
+        &self,
+        (uid, gid): (u32, u32),
+        opcode: u32,
+        nodeid: u64,
+        body: &[u8],
+        cap: usize,
+    ) -> (i32, Vec<u8>) {
         let h = InHeader {
             len: (40 + body.len()) as u32,
             opcode,
             unique: 77,
             nodeid,
+            uid,
+            gid,
             ..Default::default()
         };
         let (body, payload) = if opcode == op::WRITE && body.len() >= 40 {
@@ -256,6 +270,49 @@ fn requests_before_init_fail_and_init_negotiates() {
         ..Default::default()
     };
     assert_eq!(fx.call(op::INIT, 0, old.as_slice()).0, libc::EPROTO);
+}
+
+#[test]
+fn create_answers_with_the_inode_it_opened() {
+    let fx = fixture();
+    let (entry, fh) = fx.create(ROOT_ID, "f");
+    assert_eq!(fx.lookup(ROOT_ID, "f").unwrap().nodeid, entry.nodeid);
+    // CREATE of an existing name (no O_EXCL) opens it and counts a lookup of the same node.
+    let (again, fh2) = fx.create(ROOT_ID, "f");
+    assert_eq!(again.nodeid, entry.nodeid);
+    assert_ne!(fh2, fh);
+    assert_eq!(fx.write(fh2, 0, b"abc").0, 0);
+    let (e, d) = fx.call(
+        op::GETATTR,
+        entry.nodeid,
+        abi::GetattrIn::default().as_slice(),
+    );
+    assert_eq!(e, 0);
+    assert_eq!(abi::AttrOut::from_slice(&d).unwrap().attr.size, 3);
+
+    // As root, a new file belongs to the guest user who created it, and the reply says so.
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        let body = cat(&[
+            abi::CreateIn {
+                flags: libc::O_WRONLY as u32,
+                mode: libc::S_IFREG | 0o600,
+                umask: 0,
+                open_flags: 0,
+            }
+            .as_slice(),
+            &name("owned"),
+        ]);
+        let (e, d) = fx.call_as((1234, 4321), op::CREATE, ROOT_ID, &body, 4096);
+        assert_eq!(e, 0);
+        let entry = abi::EntryOut::from_slice(&d[..128]).unwrap();
+        assert_eq!((entry.attr.uid, entry.attr.gid), (1234, 4321));
+        let md = std::fs::metadata(fx.share.join("owned")).unwrap();
+        assert_eq!(
+            (md.uid(), md.gid(), md.mode() & 0o7777),
+            (1234, 4321, 0o600)
+        );
+    }
 }
 
 #[test]
