@@ -373,7 +373,17 @@ fn readonly_refuses_writes() {
 
 #[test]
 fn two_queues_serve_requests_at_once() {
-    let fx = serve(4 * MIB, |_| 0, &["--num-queues", "2"]);
+    two_queues(&["--num-queues", "2", "--io-engine", "sync"]);
+}
+
+/// io_uring serves both queues from one worker thread.
+#[test]
+fn two_queues_serve_requests_at_once_with_direct_io_uring() {
+    two_queues(&["--num-queues", "2", "--direct", "--io-engine", "uring"]);
+}
+
+fn two_queues(args: &[&str]) {
+    let fx = serve(4 * MIB, |_| 0, args);
     let mut s = connect(&fx.socket, 2);
     // Several writes in flight on both queues before waiting for any.
     let mut statuses = Vec::new();

@@ -1,5 +1,6 @@
-//! The `VhostUserBackend` of the block device: features, config space, and one worker thread
-//! per queue that pops requests and runs them against the disk.
+//! The `VhostUserBackend` of the block device: features, config space, and the workers that pop
+//! requests and run them against the disk (a thread per queue for synchronous I/O, one thread
+//! for all queues with io_uring).
 
 use std::io;
 use std::path::PathBuf;
@@ -61,7 +62,7 @@ pub enum IoEngine {
     Auto,
     /// One positional read/write at a time per queue thread: lowest latency on cached files.
     Sync,
-    /// io_uring: many requests in flight per queue.
+    /// io_uring: many requests in flight on every queue, all served by one thread.
     Uring,
 }
 
@@ -106,6 +107,8 @@ struct Inner {
     writeback: AtomicBool,
     event_idx: AtomicBool,
     workers: Vec<Mutex<QueueWorker>>,
+    /// All queues are served by one worker thread (the io_uring engine), not one thread each.
+    one_thread: bool,
 }
 
 /// The block device; clones share one disk.
@@ -177,11 +180,14 @@ impl BlockBackend {
                 vring: None,
             }));
         }
-        if workers
+        // With io_uring a worker only submits and completes, so one thread keeps every queue's
+        // requests in flight, and a wake-up serves whatever queues have work together instead of
+        // one thread waking per queue and request (what costs CPU at low depth on many queues).
+        let one_thread = workers
             .iter()
-            .any(|w| w.lock().is_ok_and(|w| w.uring.is_some()))
-        {
-            log::info!("I/O engine: io_uring");
+            .any(|w| w.lock().is_ok_and(|w| w.uring.is_some()));
+        if one_thread {
+            log::info!("I/O engine: io_uring, one worker thread for all queues");
         }
         Ok(BlockBackend(Arc::new(Inner {
             disk,
@@ -190,6 +196,7 @@ impl BlockBackend {
             writeback: AtomicBool::new(config.writeback),
             event_idx: AtomicBool::new(false),
             workers,
+            one_thread,
             config,
         })))
     }
@@ -470,7 +477,11 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.0.config.num_queues).map(|q| 1u64 << q).collect()
+        let n = self.0.config.num_queues;
+        if self.0.one_thread {
+            return vec![u64::MAX >> (64 - n)];
+        }
+        (0..n).map(|q| 1u64 << q).collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -490,19 +501,27 @@ impl VhostUserBackend for BlockBackend {
                 format!("unexpected events {evset:?}"),
             ));
         }
-        // One queue per worker thread: the thread id is the queue index, and `vrings` holds just
-        // that queue (vhost-user-backend numbers a thread's vrings from 0).
-        let vring = vrings.first().ok_or_else(|| {
+        // vhost-user-backend numbers a thread's vrings from 0: with a thread per queue the thread
+        // id is the queue index and `vrings` holds just that queue; one thread holds them all.
+        let num_queues = self.0.config.num_queues;
+        let event = usize::from(device_event);
+        let (queue, completions) = match event.checked_sub(num_queues + 1) {
+            // The queue's io_uring (its descriptor is registered in attach_workers).
+            Some(queue) => (queue, true),
+            None if self.0.one_thread => (event, false),
+            None => (thread_id, false),
+        };
+        let local = if self.0.one_thread { queue } else { 0 };
+        let vring = vrings.get(local).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("thread {thread_id} has no queue"),
+                format!("thread {thread_id} has no queue {queue}"),
             )
         })?;
-        if usize::from(device_event) > self.0.config.num_queues {
-            // The queue's io_uring (its descriptor is registered in attach_workers).
-            return self.reap_queue(thread_id, vring);
+        if completions {
+            return self.reap_queue(queue, vring);
         }
-        self.process_queue(thread_id, vring)
+        self.process_queue(queue, vring)
     }
 }
 
@@ -511,7 +530,8 @@ impl DeviceBackend for BlockBackend {
         let num_queues = self.0.config.num_queues;
         for (queue, worker) in self.0.workers.iter().enumerate() {
             let Ok(w) = worker.lock() else { continue };
-            if let (Some(uring), Some(handler)) = (w.uring.as_ref(), handlers.get(queue)) {
+            let thread = if self.0.one_thread { 0 } else { queue };
+            if let (Some(uring), Some(handler)) = (w.uring.as_ref(), handlers.get(thread)) {
                 handler
                     .register_listener(
                         uring.completion_fd(),

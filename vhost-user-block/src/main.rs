@@ -46,7 +46,8 @@ struct Cli {
     #[arg(long)]
     direct: bool,
 
-    /// Number of request queues, one worker thread each (1-64).
+    /// Number of request queues (1-64): the sync engine gives each its own worker thread, uring
+    /// serves them all from one.
     #[arg(long, default_value_t = 1, value_name = "N")]
     num_queues: usize,
 
@@ -63,8 +64,8 @@ struct Cli {
     #[arg(long, conflicts_with = "writethrough")]
     writeback: bool,
 
-    /// I/O engine: `uring` keeps many requests in flight per queue (best with --direct on real
-    /// disks), `sync` does one positional read/write at a time per queue thread (best on cached
+    /// I/O engine: `uring` keeps many requests in flight on every queue from one thread (best
+    /// with --direct on real disks), `sync` does one positional read/write at a time per queue thread (best on cached
     /// or in-memory files); `auto` picks uring with --direct.
     #[arg(long, value_enum, default_value_t = IoEngine::Auto)]
     io_engine: IoEngine,
