@@ -108,6 +108,7 @@ impl FsBackend {
         };
         let mem = atomic.memory();
         let event_idx = self.0.event_idx.load(Ordering::Relaxed);
+        let mut segments = ChainSegments::default();
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
@@ -122,7 +123,7 @@ impl FsBackend {
                     break;
                 };
                 let head = chain.head_index();
-                let used = handle_chain(&self.0.server, &mem, chain, queue);
+                let used = handle_chain(&self.0.server, &mem, chain, queue, &mut segments);
                 vring.add_used(head, used).map_err(io::Error::other)?;
                 completed = true;
             }
@@ -166,15 +167,29 @@ impl FsBackend {
     }
 }
 
+/// The readable and writable descriptors of one chain; kept across the chains a queue thread
+/// handles in a row so that a request costs no allocation for them.
+#[derive(Default)]
+struct ChainSegments {
+    readable: Vec<Segment>,
+    writable: Vec<Segment>,
+}
+
+/// Request bodies up to this size are read onto the stack (all but SETXATTR, and names of
+/// some hundred bytes).
+const STACK_BODY: usize = 512;
+
 /// Run one request chain; returns the bytes written to its writable part.
 fn handle_chain<I: Iterator<Item = virtio_queue::desc::split::Descriptor>>(
     server: &Server,
     mem: &GuestMemoryMmap,
     chain: I,
     queue: usize,
+    segments: &mut ChainSegments,
 ) -> u32 {
-    let mut readable = Vec::new();
-    let mut writable = Vec::new();
+    let ChainSegments { readable, writable } = segments;
+    readable.clear();
+    writable.clear();
     for d in chain {
         let seg = Segment {
             addr: d.addr().0,
@@ -213,8 +228,15 @@ fn handle_chain<I: Iterator<Item = virtio_queue::desc::split::Descriptor>>(
     if body_len > MAX_BODY {
         return reply_error(&mut out, header.unique, libc::EINVAL);
     }
-    let mut body = vec![0u8; body_len];
-    if reader.read_at(IN_HEADER, &mut body).is_err() {
+    let mut stack_body = [0u8; STACK_BODY];
+    let mut heap_body = Vec::new();
+    let body = if body_len <= STACK_BODY {
+        &mut stack_body[..body_len]
+    } else {
+        heap_body.resize(body_len, 0);
+        &mut heap_body[..]
+    };
+    if reader.read_at(IN_HEADER, body).is_err() {
         return reply_error(&mut out, header.unique, libc::EFAULT);
     }
     let payload_start = IN_HEADER + body_len;
@@ -223,10 +245,10 @@ fn handle_chain<I: Iterator<Item = virtio_queue::desc::split::Descriptor>>(
         start: payload_start,
         end: len,
     };
-    server.handle(&header, &body, &mut payload, &mut out) as u32
+    server.handle(&header, body, &mut payload, &mut out) as u32
 }
 
-fn reply_error(out: &mut GuestSink<'_>, unique: u64, errno: i32) -> u32 {
+fn reply_error(out: &mut GuestSink<'_, '_>, unique: u64, errno: i32) -> u32 {
     let h = OutHeader {
         len: std::mem::size_of::<OutHeader>() as u32,
         error: -errno,
@@ -239,47 +261,70 @@ fn reply_error(out: &mut GuestSink<'_>, unique: u64, errno: i32) -> u32 {
 }
 
 /// The readable or writable part of a chain as one byte range.
-struct GuestRegion<'a> {
+struct GuestRegion<'a, 's> {
     mem: &'a GuestMemoryMmap,
-    segs: Vec<Segment>,
+    segs: &'s [Segment],
     len: usize,
 }
 
-impl<'a> GuestRegion<'a> {
-    fn new(mem: &'a GuestMemoryMmap, segs: Vec<Segment>) -> Self {
+/// The guest ranges covering a span of a [`GuestRegion`], in order.
+struct Ranges<'s> {
+    segs: std::slice::Iter<'s, Segment>,
+    /// Bytes still to skip before the span.
+    offset: usize,
+    /// Bytes of the span not yielded yet.
+    len: usize,
+}
+
+impl Iterator for Ranges<'_> {
+    type Item = io::Result<(GuestAddress, usize)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.len > 0 {
+            let Some(s) = self.segs.next() else {
+                self.len = 0;
+                return Some(Err(io::Error::from_raw_os_error(libc::ERANGE)));
+            };
+            if self.offset >= s.len {
+                self.offset -= s.len;
+                continue;
+            }
+            let n = (s.len - self.offset).min(self.len);
+            let addr = s.addr.checked_add(self.offset as u64);
+            self.offset = 0;
+            self.len -= n;
+            return Some(
+                addr.map(|a| (GuestAddress(a), n))
+                    .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT)),
+            );
+        }
+        None
+    }
+}
+
+impl<'a, 's> GuestRegion<'a, 's> {
+    fn new(mem: &'a GuestMemoryMmap, segs: &'s [Segment]) -> Self {
         let len = segs.iter().fold(0usize, |acc, s| acc.saturating_add(s.len));
         GuestRegion { mem, segs, len }
     }
 
-    /// The guest ranges covering `[offset, offset + len)`.
-    fn ranges(&self, mut offset: usize, mut len: usize) -> io::Result<Vec<(GuestAddress, usize)>> {
-        let mut v = Vec::new();
-        for s in &self.segs {
-            if len == 0 {
-                break;
-            }
-            if offset >= s.len {
-                offset -= s.len;
-                continue;
-            }
-            let n = (s.len - offset).min(len);
-            let addr = s
-                .addr
-                .checked_add(offset as u64)
-                .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
-            v.push((GuestAddress(addr), n));
-            len -= n;
-            offset = 0;
-        }
-        if len != 0 {
+    /// The guest ranges covering `[offset, offset + len)`; ERANGE (before any range) when
+    /// the region is shorter.
+    fn ranges(&self, offset: usize, len: usize) -> io::Result<Ranges<'s>> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
             return Err(io::Error::from_raw_os_error(libc::ERANGE));
         }
-        Ok(v)
+        Ok(Ranges {
+            segs: self.segs.iter(),
+            offset,
+            len,
+        })
     }
 
     fn read_at(&self, offset: usize, buf: &mut [u8]) -> io::Result<()> {
         let mut at = 0;
-        for (addr, n) in self.ranges(offset, buf.len())? {
+        for range in self.ranges(offset, buf.len())? {
+            let (addr, n) = range?;
             self.mem
                 .read_slice(&mut buf[at..at + n], addr)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
@@ -290,7 +335,8 @@ impl<'a> GuestRegion<'a> {
 
     fn write_at(&self, offset: usize, buf: &[u8]) -> io::Result<()> {
         let mut at = 0;
-        for (addr, n) in self.ranges(offset, buf.len())? {
+        for range in self.ranges(offset, buf.len())? {
+            let (addr, n) = range?;
             self.mem
                 .write_slice(&buf[at..at + n], addr)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
@@ -312,7 +358,8 @@ impl<'a> GuestRegion<'a> {
         )>,
     > {
         let mut v = Vec::new();
-        for (addr, n) in self.ranges(offset, len)? {
+        for range in self.ranges(offset, len)? {
+            let (addr, n) = range?;
             for slice in self.mem.get_slices(addr, n) {
                 let slice = slice.map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
                 let iov = libc::iovec {
@@ -329,19 +376,19 @@ impl<'a> GuestRegion<'a> {
 }
 
 /// The writable part of a chain, as a FUSE reply sink.
-struct GuestSink<'a> {
-    region: GuestRegion<'a>,
+struct GuestSink<'a, 's> {
+    region: GuestRegion<'a, 's>,
 }
 
-impl<'a> GuestSink<'a> {
-    fn new(mem: &'a GuestMemoryMmap, segs: Vec<Segment>) -> Self {
+impl<'a, 's> GuestSink<'a, 's> {
+    fn new(mem: &'a GuestMemoryMmap, segs: &'s [Segment]) -> Self {
         GuestSink {
             region: GuestRegion::new(mem, segs),
         }
     }
 }
 
-impl ReplySink for GuestSink<'_> {
+impl ReplySink for GuestSink<'_, '_> {
     fn capacity(&self) -> usize {
         self.region.len
     }
@@ -393,13 +440,13 @@ impl ReplySink for GuestSink<'_> {
 }
 
 /// The data of a WRITE request, still in guest memory.
-struct GuestPayload<'r, 'a> {
-    region: &'r GuestRegion<'a>,
+struct GuestPayload<'r, 'a, 's> {
+    region: &'r GuestRegion<'a, 's>,
     start: usize,
     end: usize,
 }
 
-impl WritePayload for GuestPayload<'_, '_> {
+impl WritePayload for GuestPayload<'_, '_, '_> {
     fn len(&self) -> usize {
         self.end - self.start
     }

@@ -192,15 +192,36 @@ pub struct PassthroughFs {
     own_ids: (u32, u32),
 }
 
-/// A name the guest sent, checked to be one path component.
-fn component(name: &[u8]) -> FsResult<CString> {
+/// A name the guest sent, checked to be one path component, NUL-terminated on the stack.
+struct Component {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl std::ops::Deref for Component {
+    type Target = CStr;
+    fn deref(&self) -> &CStr {
+        CStr::from_bytes_with_nul(&self.buf[..=self.len]).expect("one NUL, at the end")
+    }
+}
+
+/// Check that `name` is one path component.
+fn component(name: &[u8]) -> FsResult<Component> {
     if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
         return Err(libc::EINVAL);
     }
     if name.len() > 255 {
         return Err(libc::ENAMETOOLONG);
     }
-    CString::new(name).map_err(|_| libc::EINVAL)
+    if name.contains(&0) {
+        return Err(libc::EINVAL);
+    }
+    let mut c = Component {
+        buf: [0; 256],
+        len: name.len(),
+    };
+    c.buf[..name.len()].copy_from_slice(name);
+    Ok(c)
 }
 
 impl PassthroughFs {

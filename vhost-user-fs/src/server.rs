@@ -55,10 +55,30 @@ enum Reply {
     Written(usize),
     /// A reply payload to write after the header.
     Data(Vec<u8>),
+    /// A small reply payload (the first `.1` bytes), kept off the heap.
+    Inline([u8; INLINE_REPLY], usize),
 }
 
+/// Room for the largest fixed-size reply (CREATE: entry and open parts).
+const INLINE_REPLY: usize = 144;
+
 fn obj<T: ByteValued>(v: T) -> Reply {
-    Reply::Data(v.as_slice().to_vec())
+    concat(&[v.as_slice()])
+}
+
+/// `parts` one after the other as a reply payload; on the stack when it fits.
+fn concat(parts: &[&[u8]]) -> Reply {
+    let len = parts.iter().map(|p| p.len()).sum();
+    if len > INLINE_REPLY {
+        return Reply::Data(parts.concat());
+    }
+    let mut buf = [0u8; INLINE_REPLY];
+    let mut at = 0;
+    for p in parts {
+        buf[at..at + p.len()].copy_from_slice(p);
+        at += p.len();
+    }
+    Reply::Inline(buf, len)
 }
 
 impl Server {
@@ -105,15 +125,8 @@ impl Server {
         match result {
             Ok(Reply::None) => 0,
             Ok(Reply::Written(n)) => finish(out, h.unique, 0, n),
-            Ok(Reply::Data(data)) => {
-                if OUT_HEADER + data.len() > out.capacity() {
-                    return error(out, h.unique, libc::EOVERFLOW);
-                }
-                match out.write_at(OUT_HEADER, &[&data]) {
-                    Ok(()) => finish(out, h.unique, 0, data.len()),
-                    Err(_) => error(out, h.unique, libc::EIO),
-                }
-            }
+            Ok(Reply::Data(data)) => reply(out, h.unique, &data),
+            Ok(Reply::Inline(buf, len)) => reply(out, h.unique, &buf[..len]),
             Err(Fail(e)) => error(out, h.unique, e),
         }
     }
@@ -232,16 +245,12 @@ impl Server {
                 let a: abi::CreateIn = r.obj()?;
                 let (entry, fh, open_flags) =
                     fs.create(caller, node, r.name()?, a.flags, a.mode, a.umask)?;
-                let mut data = entry.as_slice().to_vec();
-                data.extend_from_slice(
-                    abi::OpenOut {
-                        fh,
-                        open_flags,
-                        backing_id: 0,
-                    }
-                    .as_slice(),
-                );
-                Ok(Reply::Data(data))
+                let open = abi::OpenOut {
+                    fh,
+                    open_flags,
+                    backing_id: 0,
+                };
+                Ok(concat(&[entry.as_slice(), open.as_slice()]))
             }
             op::READ => {
                 let a: abi::ReadIn = r.obj()?;
@@ -453,6 +462,17 @@ impl Server {
                 true
             })?;
         Ok(data)
+    }
+}
+
+/// A successful reply with `data` after the header.
+fn reply(out: &mut dyn ReplySink, unique: u64, data: &[u8]) -> usize {
+    if OUT_HEADER + data.len() > out.capacity() {
+        return error(out, unique, libc::EOVERFLOW);
+    }
+    match out.write_at(OUT_HEADER, &[data]) {
+        Ok(()) => finish(out, unique, 0, data.len()),
+        Err(_) => error(out, unique, libc::EIO),
     }
 }
 

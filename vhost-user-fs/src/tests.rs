@@ -316,6 +316,24 @@ fn create_answers_with_the_inode_it_opened() {
 }
 
 #[test]
+fn names_up_to_255_bytes() {
+    let fx = fixture();
+    let longest = "n".repeat(255);
+    let (entry, _) = fx.create(ROOT_ID, &longest);
+    assert_eq!(fx.lookup(ROOT_ID, &longest).unwrap().nodeid, entry.nodeid);
+    assert!(fx.share.join(&longest).is_file());
+    let too_long = "n".repeat(256);
+    assert_eq!(
+        fx.lookup(ROOT_ID, &too_long).unwrap_err(),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(
+        fx.mkdir(ROOT_ID, &too_long).unwrap_err(),
+        libc::ENAMETOOLONG
+    );
+}
+
+#[test]
 fn file_lifecycle_create_write_read_setattr_rename_unlink() {
     let fx = fixture();
     let (entry, fh) = fx.create(ROOT_ID, "f");
