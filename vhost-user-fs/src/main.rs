@@ -138,16 +138,44 @@ fn prebind(path: &Path) -> Result<UnixListener, StartError> {
     UnixListener::bind(path).map_err(|e| StartError::Listen(path.to_path_buf(), e))
 }
 
-fn raise_fd_limit() {
-    // Every inode the guest holds is one descriptor.
+/// Raises the open-file limit so that `inodes` inodes (one descriptor each) fit, with room for
+/// open files and the daemon's own descriptors; returns the soft limit in force afterwards.
+///
+/// The hard limit is raised too where the process may (root, CAP_SYS_RESOURCE), up to the
+/// kernel's `fs.nr_open`; otherwise the soft limit goes up to the hard one.
+fn raise_fd_limit(inodes: u64) -> u64 {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let want = inodes
+        .saturating_add(inodes / 4)
+        .saturating_add(1024)
+        .min(nr_open);
     // SAFETY: zeroed rlimit is valid; getrlimit fills it.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
     // SAFETY: valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max
-    {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: valid in-pointer.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur >= want {
+        return lim.rlim_cur;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: lim.rlim_max.max(want),
+    };
+    // SAFETY: valid in-pointer; fails harmlessly (EPERM) without the privilege to raise the
+    // hard limit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        return want;
+    }
+    lim.rlim_cur = lim.rlim_max.min(want);
+    // SAFETY: valid in-pointer; the soft limit may always go up to the hard one.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        1024
     }
 }
 
@@ -168,7 +196,7 @@ fn start(cli: &mut Cli) -> Result<FsBackend, StartError> {
             io::Error::from_raw_os_error(libc::ENOTDIR),
         ));
     }
-    raise_fd_limit();
+    let fd_limit = raise_fd_limit(cli.inode_limit as u64);
     // SAFETY: geteuid cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     let sandbox = cli.sandbox.unwrap_or(if root && !cli.daemon.client {
@@ -187,7 +215,19 @@ fn start(cli: &mut Cli) -> Result<FsBackend, StartError> {
     cfg.allow_devices = cli.allow_device_nodes;
     cfg.uid_map = IdMap(cli.translate_uid.clone());
     cfg.gid_map = IdMap(cli.translate_gid.clone());
-    cfg.max_inodes = cli.inode_limit.max(16);
+    // Inodes get four fifths of the descriptors left after the daemon's own; open files and
+    // directories the rest. Past that the guest gets ENFILE from a full inode table instead of
+    // EMFILE from an exhausted descriptor table at random places.
+    let fd_room = usize::try_from(fd_limit.saturating_sub(256) / 5 * 4).unwrap_or(usize::MAX);
+    cfg.max_inodes = cli.inode_limit.min(fd_room).max(16);
+    if cfg.max_inodes < cli.inode_limit {
+        log::warn!(
+            "open-file limit {fd_limit} leaves room for {} inodes, fewer than --inode-limit {} \
+             (raise it with `ulimit -Hn` or run with CAP_SYS_RESOURCE)",
+            cfg.max_inodes,
+            cli.inode_limit
+        );
+    }
     let fs = PassthroughFs::new(cfg).map_err(|e| StartError::SharedDir(dir.clone(), e))?;
     let backend = FsBackend::new(
         Arc::new(Server::new(fs)),
