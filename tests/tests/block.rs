@@ -382,6 +382,19 @@ fn two_queues_serve_requests_at_once_with_direct_io_uring() {
     two_queues(&["--num-queues", "2", "--direct", "--io-engine", "uring"]);
 }
 
+/// io_uring with a worker thread per queue.
+#[test]
+fn two_queues_serve_requests_at_once_with_a_uring_thread_per_queue() {
+    two_queues(&[
+        "--num-queues",
+        "2",
+        "--direct",
+        "--io-engine",
+        "uring",
+        "--uring-thread-per-queue",
+    ]);
+}
+
 fn two_queues(args: &[&str]) {
     let fx = serve(4 * MIB, |_| 0, args);
     let mut s = connect(&fx.socket, 2);

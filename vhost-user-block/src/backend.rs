@@ -53,6 +53,8 @@ pub struct BlockConfig {
     pub writeback: bool,
     /// I/O engine.
     pub engine: IoEngine,
+    /// With io_uring, a worker thread per queue instead of one for all queues.
+    pub uring_thread_per_queue: bool,
 }
 
 /// How requests reach the disk.
@@ -183,9 +185,13 @@ impl BlockBackend {
         // With io_uring a worker only submits and completes, so one thread keeps every queue's
         // requests in flight, and a wake-up serves whatever queues have work together instead of
         // one thread waking per queue and request (what costs CPU at low depth on many queues).
-        let one_thread = workers
+        let uring = workers
             .iter()
             .any(|w| w.lock().is_ok_and(|w| w.uring.is_some()));
+        let one_thread = uring && !config.uring_thread_per_queue;
+        if uring && !one_thread {
+            log::info!("I/O engine: io_uring, one worker thread per queue");
+        }
         if one_thread {
             log::info!("I/O engine: io_uring, one worker thread for all queues");
         }

@@ -47,7 +47,7 @@ struct Cli {
     direct: bool,
 
     /// Number of request queues (1-64): the sync engine gives each its own worker thread, uring
-    /// serves them all from one.
+    /// serves them all from one (see --uring-thread-per-queue).
     #[arg(long, default_value_t = 1, value_name = "N")]
     num_queues: usize,
 
@@ -65,10 +65,15 @@ struct Cli {
     writeback: bool,
 
     /// I/O engine: `uring` keeps many requests in flight on every queue from one thread (best
-    /// with --direct on real disks), `sync` does one positional read/write at a time per queue thread (best on cached
-    /// or in-memory files); `auto` picks uring with --direct.
+    /// with --direct on real disks), `sync` does one positional read/write at a time per queue
+    /// thread (best on cached or in-memory files); `auto` picks uring with --direct.
     #[arg(long, value_enum, default_value_t = IoEngine::Auto)]
     io_engine: IoEngine,
+
+    /// With the uring engine, give every queue its own worker thread instead of one for all
+    /// (for many queues on a host with cores to spare and devices one thread cannot keep busy).
+    #[arg(long)]
+    uring_thread_per_queue: bool,
 
     /// Start with the write cache disabled: every write is durable before it completes.
     #[arg(long)]
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
         serial: cli.serial.clone(),
         writeback: !cli.writethrough,
         engine: cli.io_engine,
+        uring_thread_per_queue: cli.uring_thread_per_queue,
     };
     let backend = match BlockBackend::new(config) {
         Ok(b) => b,
