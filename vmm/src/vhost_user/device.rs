@@ -5,12 +5,14 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{
-    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{
@@ -33,7 +35,8 @@ type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::CONFIG)
-    .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+    .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    .union(VhostUserProtocolFeatures::BACKEND_REQ);
 /// How long the first connection in client mode keeps retrying a missing daemon socket.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long server mode waits for the daemon to connect at startup.
@@ -42,6 +45,9 @@ const ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(250);
 /// Queue indices the frontend accepts before the daemon told its queue count.
 const MAX_QUEUES_BEFORE_MQ: u64 = 1024;
+/// Longest the VM thread waits on a backend-request channel whose daemon stopped mid-message
+/// (or does not read its acknowledgements).
+const BACKEND_REQ_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// virtio-net feature bits that need the control queue, which vhost-user daemons do not
 /// serve (the frontend would have to): CTRL_VQ, CTRL_RX, CTRL_VLAN, CTRL_RX_EXTRA,
@@ -88,6 +94,7 @@ pub(crate) const TOKENS_PER_DEVICE: u64 = 4;
 pub(crate) const TOKEN_SOCKET: u64 = 0;
 pub(crate) const TOKEN_TIMER: u64 = 1;
 pub(crate) const TOKEN_LISTENER: u64 = 2;
+pub(crate) const TOKEN_BACKEND_REQ: u64 = 3;
 
 /// Where a device registers its fds for the VM thread to watch.
 pub(crate) struct EventRegistration {
@@ -116,6 +123,27 @@ impl EventRegistration {
     }
 }
 
+/// What the VMM does for requests a daemon sends on its backend-request channel: a config
+/// change is noted for the VM thread (which raises the guest's config interrupt); everything
+/// else (shared objects, shared memory maps) is answered with the trait's ENOSYS.
+#[derive(Default)]
+struct BackendRequests {
+    config_changed: AtomicBool,
+}
+
+impl VhostUserFrontendReqHandler for BackendRequests {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        self.config_changed.store(true, Ordering::Release);
+        Ok(0)
+    }
+}
+
+/// The VMM's end of a daemon's backend-request channel (VHOST_USER_PROTOCOL_F_BACKEND_REQ).
+struct BackendChannel {
+    server: FrontendReqHandler<BackendRequests>,
+    requests: Arc<BackendRequests>,
+}
+
 struct Connection {
     frontend: Frontend,
     protocol: VhostUserProtocolFeatures,
@@ -123,6 +151,8 @@ struct Connection {
     features: u64,
     /// Queues the daemon supports (GET_QUEUE_NUM), if it has MQ.
     queue_num: Option<u64>,
+    /// Set up when the daemon has BACKEND_REQ; dropped when it misbehaves on it.
+    backend_channel: Option<BackendChannel>,
 }
 
 impl Connection {
@@ -238,6 +268,26 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Watch a connection's socket (hang-ups) and its backend-request channel (requests).
+fn watch_connection(reg: &EventRegistration, conn: &Connection) -> io::Result<()> {
+    reg.add(
+        conn.frontend.as_raw_fd(),
+        TOKEN_SOCKET,
+        EventSet::IN | EventSet::READ_HANG_UP,
+    )?;
+    if let Some(channel) = &conn.backend_channel {
+        reg.add(channel.server.as_raw_fd(), TOKEN_BACKEND_REQ, EventSet::IN)?;
+    }
+    Ok(())
+}
+
+fn unwatch_connection(reg: &EventRegistration, conn: &Connection) {
+    reg.remove(conn.frontend.as_raw_fd());
+    if let Some(channel) = &conn.backend_channel {
+        reg.remove(channel.server.as_raw_fd());
+    }
 }
 
 /// Whether the peer of a connected socket is gone, judged without consuming data.
@@ -366,12 +416,69 @@ fn handshake(stream: UnixStream, path: &Path) -> Result<Connection, VhostUserErr
     } else {
         None
     };
+    let backend_channel = if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+        open_backend_channel(&mut frontend, protocol, path)?
+    } else {
+        None
+    };
     Ok(Connection {
         frontend,
         protocol,
         features,
         queue_num,
+        backend_channel,
     })
+}
+
+/// Create the backend-request channel (a socket pair) and hand the daemon its end with
+/// SET_BACKEND_REQ_FD. A daemon that refuses it still works, without config-change
+/// notifications; a lost connection is an error like any other request's.
+fn open_backend_channel(
+    frontend: &mut Frontend,
+    protocol: VhostUserProtocolFeatures,
+    path: &Path,
+) -> Result<Option<BackendChannel>, VhostUserError> {
+    let requests = Arc::new(BackendRequests::default());
+    let mut server = FrontendReqHandler::new(requests.clone())
+        .map_err(|e| VhostUserError::Events(path.to_path_buf(), io::Error::other(e)))?;
+    server.set_reply_ack_flag(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+    set_socket_timeouts(server.as_raw_fd(), BACKEND_REQ_TIMEOUT)
+        .map_err(|e| VhostUserError::Events(path.to_path_buf(), e))?;
+    match frontend
+        .set_backend_request_fd(&server.get_tx_raw_fd())
+        .map_err(request_err("SET_BACKEND_REQ_FD", path))
+    {
+        Ok(()) => Ok(Some(BackendChannel { server, requests })),
+        Err(e) if is_connection_error(&e) => Err(e),
+        Err(e) => {
+            log::warn!("{e}; the guest will not be told of config changes");
+            Ok(None)
+        }
+    }
+}
+
+/// Bound blocking reads and writes on a socket (SO_RCVTIMEO, SO_SNDTIMEO).
+fn set_socket_timeouts(fd: RawFd, timeout: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: setsockopt reads one timeval from the local `tv`, whose size is passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 impl VhostUserDevice {
@@ -504,20 +611,19 @@ impl VhostUserDevice {
         reg.add(self.retry_timer.as_raw_fd(), TOKEN_TIMER, EventSet::IN)
             .map_err(err)?;
         if let Some(conn) = &self.conn {
-            reg.add(
-                conn.frontend.as_raw_fd(),
-                TOKEN_SOCKET,
-                EventSet::IN | EventSet::READ_HANG_UP,
-            )
-            .map_err(|e| VhostUserError::Events(self.socket.clone(), e))?;
+            watch_connection(&reg, conn)
+                .map_err(|e| VhostUserError::Events(self.socket.clone(), e))?;
         }
         self.events = Some(reg);
         Ok(())
     }
 
-    /// Dispatch an event of kind `TOKEN_*` from the VM thread.
-    pub(crate) fn handle_event(&mut self, kind: u64) {
+    /// Dispatch an event of kind `TOKEN_*` from the VM thread. Returns whether the daemon
+    /// reported a change of the device's config space, which the caller passes on to the
+    /// guest (a config-change interrupt).
+    pub(crate) fn handle_event(&mut self, kind: u64) -> bool {
         match kind {
+            TOKEN_BACKEND_REQ => return self.serve_backend_request(),
             TOKEN_SOCKET => {
                 let dead = self
                     .conn
@@ -543,7 +649,7 @@ impl VhostUserDevice {
                     Some(Ok((stream, _))) if self.conn.is_none() => {
                         if let Err(e) = stream.set_nonblocking(false) {
                             log::warn!("{}: {e}", self.socket.display());
-                            return;
+                            return false;
                         }
                         self.reconnect(stream)
                     }
@@ -556,6 +662,47 @@ impl VhostUserDevice {
             }
             _ => {}
         }
+        false
+    }
+
+    /// One request from the daemon on its backend-request channel (answered, with REPLY_ACK,
+    /// before this returns). A channel that breaks (closed, cut mid-message, silent past
+    /// [`BACKEND_REQ_TIMEOUT`]) is dropped; the device itself keeps working.
+    fn serve_backend_request(&mut self) -> bool {
+        use vhost::vhost_user::Error as E;
+        let Some(channel) = self.conn.as_mut().and_then(|c| c.backend_channel.as_mut()) else {
+            return false;
+        };
+        match channel.server.handle_request() {
+            Ok(_) => {}
+            // Refused requests (not a config change) got their error reply; the stream is
+            // still in step.
+            Err(E::ReqHandlerError(e)) => {
+                log::debug!("{}: backend request refused: {e}", self.socket.display());
+            }
+            Err(E::InvalidMessage) => {
+                log::warn!(
+                    "vhost-user daemon at {}: invalid backend request",
+                    self.socket.display()
+                );
+            }
+            Err(e) => {
+                log::warn!(
+                    "vhost-user daemon at {}: backend request channel closed ({e}); config changes will not reach the guest",
+                    self.socket.display()
+                );
+                if let Some(channel) = self.conn.as_mut().and_then(|c| c.backend_channel.take()) {
+                    if let Some(reg) = &self.events {
+                        reg.remove(channel.server.as_raw_fd());
+                    }
+                }
+                return false;
+            }
+        }
+        channel
+            .requests
+            .config_changed
+            .swap(false, Ordering::AcqRel)
     }
 
     /// Drop the connection and start trying to get a new one.
@@ -564,7 +711,7 @@ impl VhostUserDevice {
             return;
         };
         if let Some(reg) = &self.events {
-            reg.remove(conn.frontend.as_raw_fd());
+            unwatch_connection(reg, &conn);
         }
         drop(conn);
         if !self.outage_reported {
@@ -633,11 +780,7 @@ impl VhostUserDevice {
         }
         let Some(conn) = &self.conn else { return };
         if let Some(reg) = &self.events {
-            if let Err(e) = reg.add(
-                conn.frontend.as_raw_fd(),
-                TOKEN_SOCKET,
-                EventSet::IN | EventSet::READ_HANG_UP,
-            ) {
+            if let Err(e) = watch_connection(reg, conn) {
                 log::error!("cannot watch {}: {e}", self.socket.display());
             }
             if let Some(l) = &self.listener {
@@ -851,7 +994,7 @@ impl VhostUserDevice {
         self.stop_rings();
         if let Some(conn) = self.conn.take() {
             if let Some(reg) = &self.events {
-                reg.remove(conn.frontend.as_raw_fd());
+                unwatch_connection(reg, &conn);
             }
         }
         let _ = self.retry_timer.clear();

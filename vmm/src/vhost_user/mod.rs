@@ -17,6 +17,12 @@
 //! queue's interrupt fires once, for completions the old daemon published but did not signal.
 //! The guest keeps running throughout; its I/O just stalls while the daemon is away.
 //!
+//! Config changes: a daemon with VHOST_USER_PROTOCOL_F_BACKEND_REQ gets a backend-request
+//! channel (a socket pair, SET_BACKEND_REQ_FD) on every connection, served on the same epoll
+//! fd. Its VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (a console resized, say) raises the device's
+//! virtio-pci config-change interrupt; the guest then reads the config space, which comes from
+//! the daemon (GET_CONFIG). Other backend requests are refused with an error reply.
+//!
 //! Requests in flight when the daemon died are resubmitted from the used index on (block
 //! requests may run twice); exact resumption needs VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, which
 //! fits here later: the inflight fd would be kept in `ActiveState` and re-sent on reconnect.
@@ -71,8 +77,8 @@ pub enum DeviceError {
 pub struct DeviceManager {
     epoll: Arc<Epoll>,
     devices: Vec<Arc<Mutex<VhostUserDevice>>>,
-    /// Kept alive here; the buses hold further references.
-    _transports: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// The transport of each device, by the same index; the buses hold further references.
+    transports: Vec<Arc<Mutex<VirtioPciDevice>>>,
     _pci_root: Arc<PciRoot>,
 }
 
@@ -140,7 +146,7 @@ pub fn attach_devices_with(
     Ok(DeviceManager {
         epoll,
         devices: vhost_devices,
-        _transports: transports,
+        transports,
         _pci_root: root,
     })
 }
@@ -153,7 +159,8 @@ impl DeviceManager {
     }
 
     /// Serve whatever made the device event fd readable (daemon hang-ups, reconnect timers,
-    /// daemons connecting back in server mode). Never blocks on an idle fd.
+    /// daemons connecting back in server mode, requests on backend-request channels). Never
+    /// blocks on an idle fd.
     pub fn handle_event(&mut self, _token: u64) {
         let mut events = [EpollEvent::default(); 16];
         let n = match self.epoll.wait(0, &mut events) {
@@ -166,8 +173,16 @@ impl DeviceManager {
         for event in &events[..n] {
             let data = event.data();
             let index = (data / TOKENS_PER_DEVICE) as usize;
-            if let Some(device) = self.devices.get(index) {
-                lock(device).handle_event(data % TOKENS_PER_DEVICE);
+            let Some(device) = self.devices.get(index) else {
+                continue;
+            };
+            // The device lock is released before the transport's is taken: a vCPU reading
+            // the config space holds the transport's and then takes the device's.
+            let config_changed = lock(device).handle_event(data % TOKENS_PER_DEVICE);
+            if config_changed {
+                if let Some(transport) = self.transports.get(index) {
+                    lock(transport).notify_config_changed();
+                }
             }
         }
     }

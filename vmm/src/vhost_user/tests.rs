@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::io::FromRawFd;
+use std::os::unix::io::{FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::*;
 use vhost::vhost_user::{
     Backend, BackendReqHandler, GpuBackend, VhostUserBackendReqHandlerMut,
-    VhostUserProtocolFeatures,
+    VhostUserFrontendReqHandler, VhostUserProtocolFeatures,
 };
 use vhost::VhostUserMemoryRegionBase;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{
+    ByteValued, Bytes, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic,
+};
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -35,6 +37,7 @@ const ACCESS_PLATFORM: u64 = 1 << 33;
 const RING_PACKED: u64 = 1 << 34;
 const BLK_F_MQ: u64 = 1 << 12;
 const BLK_F_FLUSH: u64 = 1 << 9;
+const CONSOLE_F_SIZE: u64 = 1 << 0;
 
 /// A request the mock daemon received.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +56,7 @@ enum Req {
     SetConfig(u32, Vec<u8>),
     /// ADD_MEM_REG: guest address and size.
     AddMemReg(u64, u64),
+    SetBackendReqFd,
 }
 
 struct MockState {
@@ -62,6 +66,13 @@ struct MockState {
     config: Vec<u8>,
     requests: Vec<Req>,
     kicks: Vec<File>,
+    /// Serve each connection through the daemons' relay (common::relay), which hands over the
+    /// backend-request channel as `channels`.
+    relayed: bool,
+    /// Backend-request channels, one per connection that set one up, newest last.
+    channels: Vec<common::BackendChannel>,
+    /// vhost's own proxy on the newest backend-request channel.
+    backend: Option<Backend>,
 }
 
 struct MockDaemon(Arc<Mutex<MockState>>);
@@ -169,7 +180,10 @@ impl VhostUserBackendReqHandlerMut for MockDaemon {
         self.log(Req::SetConfig(offset, buf.to_vec()));
         Ok(())
     }
-    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+    fn set_backend_req_fd(&mut self, backend: Backend) {
+        self.log(Req::SetBackendReqFd);
+        self.0.lock().unwrap().backend = Some(backend);
+    }
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> Result<()> {
         Ok(())
     }
@@ -240,11 +254,58 @@ fn block_daemon_state() -> Arc<Mutex<MockState>> {
         config,
         requests: Vec::new(),
         kicks: Vec::new(),
+        relayed: false,
+        channels: Vec::new(),
+        backend: None,
     }))
+}
+
+/// A console daemon (single port, 80x25) with a backend-request channel, served through the
+/// daemons' relay as vhost-user-console is.
+fn console_daemon_state() -> Arc<Mutex<MockState>> {
+    let state = block_daemon_state();
+    {
+        let mut s = state.lock().unwrap();
+        s.features = VERSION_1 | PROTOCOL_FEATURES_BIT | CONSOLE_F_SIZE;
+        s.protocol = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ;
+        s.queue_num = 2;
+        s.config = console_config(80, 25);
+        s.relayed = true;
+    }
+    state
+}
+
+/// virtio_console_config: cols, rows, max_nr_ports (1), emerg_wr.
+fn console_config(cols: u16, rows: u16) -> Vec<u8> {
+    let mut config = vec![0u8; 12];
+    config[0..2].copy_from_slice(&cols.to_le_bytes());
+    config[2..4].copy_from_slice(&rows.to_le_bytes());
+    config[4..8].copy_from_slice(&1u32.to_le_bytes());
+    config
 }
 
 /// Serve one connection on `stream` until it closes.
 fn serve(stream: UnixStream, state: Arc<Mutex<MockState>>) {
+    if state.lock().unwrap().relayed {
+        let (relay_end, daemon_end) = UnixStream::pair().unwrap();
+        let daemon_state = state.clone();
+        let daemon = std::thread::spawn(move || serve_directly(daemon_end, daemon_state));
+        let _ = common::relay::run(
+            stream,
+            relay_end,
+            |channel| state.lock().unwrap().channels.push(channel),
+            |_, _| {},
+        );
+        daemon.join().unwrap();
+        return;
+    }
+    serve_directly(stream, state)
+}
+
+fn serve_directly(stream: UnixStream, state: Arc<Mutex<MockState>>) {
     let mut handler =
         BackendReqHandler::from_stream(stream, Arc::new(Mutex::new(MockDaemon(state))));
     while handler.handle_request().is_ok() {}
@@ -387,6 +448,8 @@ fn negotiation_filters_features_and_clamps_queues() {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
     assert!(requests(&state).contains(&Req::SetProtocolFeatures(wanted.bits())));
+    // A daemon without BACKEND_REQ gets no backend-request channel.
+    assert!(!requests(&state).contains(&Req::SetBackendReqFd));
 
     // Config comes from the daemon; num_queues is clamped to the queues the guest can use.
     let mut capacity = [0u8; 8];
@@ -788,4 +851,195 @@ fn hot_added_memory_without_mem_slots_resends_the_table() {
     let region = hot_add(&mem, 1 << 32, 1 << 20);
     dev.add_memory_region(&region).unwrap();
     assert_eq!(requests(&state), vec![Req::SetMemTable(2)]);
+}
+
+/// The guest side of one virtio-pci function at slot 1: its BAR 0 on the MMIO bus.
+struct GuestView {
+    mmio: Arc<crate::bus::Bus>,
+    bar: u64,
+}
+
+impl GuestView {
+    fn read<const N: usize>(&self, off: u64) -> [u8; N] {
+        let mut b = [0u8; N];
+        assert!(self.mmio.read(self.bar + off, &mut b));
+        b
+    }
+    fn write(&self, off: u64, v: &[u8]) {
+        assert!(self.mmio.write(self.bar + off, v));
+    }
+    fn config_generation(&self) -> u8 {
+        self.read::<1>(0x15)[0]
+    }
+    /// Reading the ISR acknowledges it.
+    fn isr(&self) -> u8 {
+        self.read::<1>(0x1000)[0]
+    }
+    /// (cols, rows) from the device config space.
+    fn console_size(&self) -> (u16, u16) {
+        let cfg = self.read::<4>(0x2000);
+        (
+            u16::from_le_bytes([cfg[0], cfg[1]]),
+            u16::from_le_bytes([cfg[2], cfg[3]]),
+        )
+    }
+}
+
+/// Find the device at slot 1, enable memory decoding and MSI-X, and point the config-change
+/// interrupt at MSI-X vector 0 (unmasked), as Linux's virtio-pci driver does.
+fn guest_enables_config_interrupt(pio: &crate::bus::Bus, mmio: Arc<crate::bus::Bus>) -> GuestView {
+    let cfg_addr = |reg: u32| (0x8000_0000u32 | 1 << 11 | reg).to_le_bytes();
+    pio.write(0xCF8, &cfg_addr(0x10));
+    let mut b = [0u8; 4];
+    assert!(pio.read(0xCFC, &mut b));
+    let bar = u64::from(u32::from_le_bytes(b) & !0xF);
+    pio.write(0xCF8, &cfg_addr(4));
+    assert!(pio.write(0xCFC, &6u16.to_le_bytes()));
+    pio.write(0xCF8, &cfg_addr(0x40));
+    assert!(pio.write(0xCFE, &0x8000u16.to_le_bytes()));
+    let guest = GuestView { mmio, bar };
+    guest.write(0x4000, &0xFEE0_0000u32.to_le_bytes());
+    guest.write(0x4004, &0u32.to_le_bytes());
+    guest.write(0x4008, &0x0000_4021u32.to_le_bytes());
+    guest.write(0x400C, &0u32.to_le_bytes());
+    guest.write(0x14, &[1]);
+    guest.write(0x14, &[3]);
+    guest.write(0x10, &0u16.to_le_bytes());
+    assert_eq!(u16::from_le_bytes(guest.read::<2>(0x10)), 0);
+    guest
+}
+
+/// The irqfd KVM would deliver vector `gsi` from (a duplicate, to read its counter).
+fn irqfd_for(vm: &RecordingVm, gsi: u32) -> EventFd {
+    let fd: RawFd = crate::interrupt::lock(&vm.irqfds)
+        .iter()
+        .find(|(_, g)| *g == gsi)
+        .map(|(fd, _)| *fd)
+        .expect("the config vector has an irqfd");
+    // SAFETY: dup of an eventfd the transport keeps open; the duplicate is checked and then
+    // owned by the returned EventFd.
+    let dup = unsafe { libc::dup(fd) };
+    assert!(dup >= 0);
+    // SAFETY: `dup` is a fresh descriptor nothing else owns.
+    unsafe { EventFd::from_raw_fd(dup) }
+}
+
+/// Run `request` (a daemon's backend request, which waits for the VMM's answer) on a thread
+/// while this thread serves the VM's device events, as the VM thread does; its result.
+fn with_vm_thread<T: Send + 'static>(
+    manager: &mut DeviceManager,
+    request: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let daemon = std::thread::spawn(request);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon.is_finished() {
+        // The thread is left behind: failing beats hanging.
+        assert!(
+            Instant::now() < deadline,
+            "the backend request got no answer"
+        );
+        manager.handle_event(0);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    daemon.join().unwrap()
+}
+
+/// A daemon's VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (sent as vhost-user-console sends it) reaches
+/// the guest as a virtio-pci config change: new generation, ISR bit, the config vector's
+/// interrupt, and the new size in the config space. Other backend requests are refused without
+/// breaking the channel, and a restarted daemon gets a new channel that works the same.
+#[test]
+fn daemon_config_change_interrupts_the_guest_across_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let state = console_daemon_state();
+    let streams = spawn_listening_daemon(&path, state.clone());
+    let vm = Arc::new(RecordingVm::default());
+    let pio = Arc::new(crate::bus::Bus::new());
+    let mmio = Arc::new(crate::bus::Bus::new());
+    let cfg = VhostUserDeviceConfig {
+        kind: VhostUserDeviceKind::Console,
+        socket: path.clone(),
+        server: false,
+        num_queues: None,
+        queue_size: 128,
+        tag: None,
+        mac: None,
+    };
+    let mut manager =
+        attach_devices_with(vm.clone(), memfd_memory(1 << 20), &pio, &mmio, &[cfg]).unwrap();
+    let wanted = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::BACKEND_REQ;
+    let reqs = requests(&state);
+    assert!(
+        reqs.contains(&Req::SetProtocolFeatures(wanted.bits())),
+        "{reqs:?}"
+    );
+    assert!(reqs.contains(&Req::SetBackendReqFd), "{reqs:?}");
+    let first_channel = state.lock().unwrap().channels.pop().expect("a channel");
+
+    let guest = guest_enables_config_interrupt(&pio, mmio.clone());
+    let config_irq = irqfd_for(&vm, 24);
+    assert_eq!(guest.console_size(), (80, 25));
+    let generation = guest.config_generation();
+    assert_eq!(guest.isr(), 0);
+    assert!(config_irq.read().is_err(), "no interrupt before a change");
+
+    state.lock().unwrap().config = console_config(132, 43);
+    let channel = first_channel.clone();
+    with_vm_thread(&mut manager, move || channel.config_changed()).unwrap();
+    assert_eq!(config_irq.read().unwrap(), 1);
+    assert_eq!(guest.isr(), 2);
+    assert_eq!(guest.config_generation(), generation.wrapping_add(1));
+    assert_eq!(guest.console_size(), (132, 43));
+
+    // A request the VMM does not serve gets an error reply (vhost's proxy, with REPLY_ACK)...
+    let backend = state.lock().unwrap().backend.take().unwrap();
+    backend.set_reply_ack_flag(true);
+    backend.set_shared_object_flag(true);
+    let mut object = VhostUserSharedMsg::default();
+    object.as_mut_slice()[0] = 1;
+    let refused = with_vm_thread(&mut manager, move || backend.shared_object_add(&object));
+    assert!(refused.is_err());
+    assert!(
+        config_irq.read().is_err(),
+        "a refused request is no config change"
+    );
+    // ... and the channel still carries config changes.
+    state.lock().unwrap().config = console_config(100, 30);
+    let channel = first_channel.clone();
+    with_vm_thread(&mut manager, move || channel.config_changed()).unwrap();
+    assert_eq!(config_irq.read().unwrap(), 1);
+    assert_eq!(guest.console_size(), (100, 30));
+
+    // The daemon dies; the VMM reconnects and sets up a new channel.
+    streams
+        .recv()
+        .unwrap()
+        .shutdown(std::net::Shutdown::Both)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let second_channel = loop {
+        manager.handle_event(0);
+        if let Some(c) = state.lock().unwrap().channels.pop() {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no channel after the reconnect");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(!second_channel.same_as(&first_channel));
+    while !manager.all_connected() {
+        assert!(Instant::now() < deadline, "never reconnected");
+        manager.handle_event(0);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let generation = guest.config_generation();
+    state.lock().unwrap().config = console_config(120, 40);
+    with_vm_thread(&mut manager, move || second_channel.config_changed()).unwrap();
+    assert_eq!(config_irq.read().unwrap(), 1);
+    assert_eq!(guest.config_generation(), generation.wrapping_add(1));
+    assert_eq!(guest.console_size(), (120, 40));
+    manager.shutdown();
 }
