@@ -992,18 +992,21 @@ impl VhostUserDevice {
     /// Stop the rings and close the connection for good (VMM shutdown).
     pub fn shutdown(&mut self) {
         self.stop_rings();
+        // The listening socket goes first: a daemon in --client mode reconnects as soon as
+        // its connection closes, and would otherwise get in just before the end.
+        if let Some(l) = self.listener.take() {
+            if let Some(reg) = &self.events {
+                reg.remove(l.as_raw_fd());
+            }
+            let _ = std::fs::remove_file(&self.socket);
+            drop(l);
+        }
         if let Some(conn) = self.conn.take() {
             if let Some(reg) = &self.events {
                 unwatch_connection(reg, &conn);
             }
         }
         let _ = self.retry_timer.clear();
-        if let Some(l) = self.listener.take() {
-            if let Some(reg) = &self.events {
-                reg.remove(l.as_raw_fd());
-            }
-            let _ = std::fs::remove_file(&self.socket);
-        }
     }
 
     /// Config bytes the VMM itself supplies, overlaid on the daemon's: (offset, bytes).
