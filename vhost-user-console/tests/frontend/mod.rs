@@ -430,6 +430,10 @@ impl Session {
         self.fe
             .set_backend_request_fd(&handler.get_tx_raw_fd())
             .unwrap();
+        // Without NEED_REPLY in the header nothing answers SET_BACKEND_REQ_FD, so the daemon may
+        // not have taken the channel yet when this returns; the answer to a later request means
+        // it has (one connection's messages are handled in order).
+        self.fe.get_features().unwrap();
         BackendRequests { handler, changes }
     }
 
