@@ -122,12 +122,7 @@ impl NetNs {
     fn is_up(&self, name: &str) -> io::Result<bool> {
         let name = name.to_string();
         self.run(move || {
-            // SAFETY: creates a socket used only as an ioctl handle; checked.
-            let fd = cvt(unsafe {
-                libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
-            })?;
-            // SAFETY: a fresh descriptor that nothing else owns.
-            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+            let sock = ioctl_socket()?;
             let mut req = ifreq(&name);
             // SAFETY: SIOCGIFFLAGS reads and writes a 40-byte ifreq, which `req` is.
             cvt(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, req.as_mut_ptr()) })?;
@@ -140,12 +135,7 @@ impl NetNs {
     pub fn if_info(&self, name: &str) -> io::Result<IfInfo> {
         let name = name.to_string();
         self.run(move || {
-            // SAFETY: creates a socket used only as an ioctl handle; checked.
-            let fd = cvt(unsafe {
-                libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
-            })?;
-            // SAFETY: a fresh descriptor that nothing else owns.
-            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+            let sock = ioctl_socket()?;
             let get = |request: libc::Ioctl| -> io::Result<[u8; 40]> {
                 let mut req = ifreq(&name);
                 // SAFETY: the SIOCGIF* requests used here fill a 40-byte ifreq, which `req` is.
@@ -219,12 +209,7 @@ impl NetNs {
                 // SAFETY: fcntl flag change on our own descriptor.
                 cvt(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) })?;
             }
-            // SAFETY: creates a socket used only as an ioctl handle; checked.
-            let fd = cvt(unsafe {
-                libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
-            })?;
-            // SAFETY: a fresh descriptor that nothing else owns.
-            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+            let sock = ioctl_socket()?;
             let mut req = ifreq(&name);
             // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS use a 40-byte ifreq, which `req` is.
             cvt(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, req.as_mut_ptr()) })?;
@@ -773,6 +758,14 @@ pub fn l4_checksum_ok(frame: &[u8]) -> bool {
     p.extend_from_slice(&[0, proto]);
     p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
     csum_fold(csum_add(csum_add(0, &p), l4)) == 0
+}
+
+/// A datagram socket used only as a handle for interface ioctls.
+fn ioctl_socket() -> io::Result<OwnedFd> {
+    // SAFETY: creates a socket; the result is checked.
+    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 #[cfg(test)]
